@@ -1,0 +1,134 @@
+"""The VCenter block: how to reach a vCenter Server or a standalone ESXi host."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr, field_validator
+
+
+class VCenterError(RuntimeError):
+    """vCenter could not be reached or refused the login; the message says which setting to fix."""
+
+
+class VCenter(Block):
+    """Connection to a vCenter Server, or to a standalone ESXi host (datacenter `ha-datacenter`).
+
+    Example:
+        Save once, then use it by name in flows:
+        ```python
+        from blocks import VCenter
+
+        VCenter(
+            host="vcenter.example.com",
+            username="migrator@vsphere.local",
+            password="...",
+            ca_cert=open("/etc/ssl/vcenter-ca.pem").read(),
+        ).save("prod-vcenter")
+
+        with VCenter.load("prod-vcenter").connect() as si:
+            print(si.content.about.fullName)
+        ```
+    """
+
+    _block_type_name = "v2k vCenter"
+    _block_type_slug = "v2k-vcenter"
+    _description = "A vCenter Server or standalone ESXi host that VMs are migrated from."
+
+    host: str = Field(description="Host name or IP address of vCenter or of the ESXi host.")
+    port: int = Field(default=443, ge=1, le=65535, description="HTTPS port of the SDK endpoint.")
+    username: str = Field(description="User with read, clone and export rights on the VMs.")
+    password: SecretStr = Field(description="Password of that user.")
+    datacenter: str | None = Field(
+        default=None,
+        description=(
+            "Datacenter that holds the VMs. Empty: the only datacenter there is "
+            "(`ha-datacenter` on a standalone ESXi host)."
+        ),
+    )
+    verify_tls: bool = Field(
+        default=True,
+        description="Check the server's TLS certificate. Turn off only for a lab you trust.",
+    )
+    ca_cert: str | None = Field(
+        default=None,
+        description=(
+            "CA certificate(s) to trust, as PEM text or as a path on the worker. "
+            "Empty: the system's trust store."
+        ),
+    )
+    timeout: float = Field(default=60, gt=0, description="Seconds allowed for one call to vCenter.")
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("host is empty: give the vCenter or ESXi host name")
+        return value.strip()
+
+    @field_validator("username")
+    @classmethod
+    def _username_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("username is empty")
+        return value
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """TLS context for the SDK and for disk downloads, built from `verify_tls` and `ca_cert`."""
+        if not self.verify_tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        if not self.ca_cert:
+            return ssl.create_default_context()
+        if "-----BEGIN" in self.ca_cert:
+            return ssl.create_default_context(cadata=self.ca_cert)
+        path = Path(self.ca_cert)
+        if not path.is_file():
+            raise VCenterError(f"ca_cert {self.ca_cert!r} is neither PEM text nor a readable file")
+        return ssl.create_default_context(cafile=str(path))
+
+    @contextmanager
+    def connect(self) -> Iterator[object]:
+        """Connect with pyvmomi and hand out the ServiceInstance; log out afterwards.
+
+        Raises:
+            VCenterError: TLS verification failed, the login was refused, or the host
+                cannot be reached. The password never appears in the message.
+        """
+        from pyVim.connect import Disconnect, SmartConnect
+        from pyVmomi import vim
+
+        try:
+            si = SmartConnect(
+                host=self.host,
+                port=self.port,
+                user=self.username,
+                pwd=self.password.get_secret_value(),
+                sslContext=self.ssl_context(),
+                connectionPoolTimeout=int(self.timeout),
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise VCenterError(
+                f"TLS verification of {self.host}:{self.port} failed ({exc.verify_message}). "
+                "Give the vCenter CA in the block's ca_cert, or set verify_tls=False explicitly."
+            ) from None
+        except vim.fault.InvalidLogin:
+            raise VCenterError(
+                f"vCenter {self.host}:{self.port} refused the login of {self.username!r}: "
+                "check the user name and password in the VCenter block"
+            ) from None
+        except OSError as exc:
+            raise VCenterError(f"cannot reach vCenter {self.host}:{self.port}: {exc}") from None
+        try:
+            yield si
+        finally:
+            try:
+                Disconnect(si)
+            except Exception:  # noqa: BLE001 - logging out of a dead session is not an error
+                pass
