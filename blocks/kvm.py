@@ -81,6 +81,13 @@ class KvmHost(Block):
         default="/var/tmp/v2k",
         description="Directory on the host for conversion output and temporary files.",
     )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Environment for v2k's commands on this host, e.g. "
+            "LIBGUESTFS_BACKEND_SETTINGS=force_tcg where KVM cannot run the appliance."
+        ),
+    )
     local: bool = Field(
         default=False,
         description="The host is the machine the worker runs on: commands run locally, no SSH.",
@@ -169,18 +176,30 @@ class KvmHost(Block):
         return conn
 
     def get_libvirt_uri(self) -> str:
-        """The libvirt URI of this host: `libvirt_uri` if set, else qemu+ssh with this key."""
+        """The libvirt URI of this host: `libvirt_uri` if set, else qemu+libssh with this key.
+
+        libvirt's libssh transport reads the key file and known_hosts named in the URI and
+        refuses an unknown or changed host key (`known_hosts_verify=normal`); the plain
+        `qemu+ssh` transport would ignore both and use the worker's ~/.ssh instead.
+
+        Raises:
+            KvmHostError: no URI can be derived (a key given as text, or a password).
+        """
         if self.libvirt_uri:
             return self.libvirt_uri
         if self.local:
             return "qemu:///system"
-        params = {}
-        if self.private_key_path:
-            params["keyfile"] = self.private_key_path
-        if self.known_hosts and Path(self.known_hosts).is_file():
+        if not self.private_key_path:
+            raise KvmHostError(
+                f"host {self.address}: set libvirt_uri, or use private_key_path, so libvirt "
+                "can reach the host over SSH"
+            )
+        params = {"keyfile": self.private_key_path, "sshauth": "privkey"}
+        if self.known_hosts and "\n" not in self.known_hosts.strip():
             params["known_hosts"] = self.known_hosts
-        query = f"?{urlencode(params)}" if params else ""
-        return f"qemu+ssh://{quote(self.user)}@{self.address}:{self.port}/system{query}"
+        params["known_hosts_verify"] = "normal" if self.host_key_policy == "reject" else "auto"
+        query = urlencode(params, safe="/")
+        return f"qemu+libssh://{quote(self.user)}@{self.address}:{self.port}/system?{query}"
 
 
 class KvmCluster(Block):

@@ -1,0 +1,105 @@
+"""The `v2k` command line: list what is in vCenter and migrate VMs, with readable progress."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks.progress import human_bytes
+
+app = typer.Typer(
+    help="v2k moves virtual machines from VMware vCenter/ESXi to KVM hosts.",
+    no_args_is_help=True,
+)
+console = Console(stderr=True)
+
+
+@app.command()
+def inventory(
+    vcenter: str = typer.Option(..., help="Name of the saved VCenter block."),
+    name: str = typer.Option("*", help="Only VMs whose name matches this glob."),
+    power_state: str | None = typer.Option(None, help="poweredOn, poweredOff or suspended."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List every VM with power state, guest OS, CPU, memory, disks and NICs.
+
+    Example: v2k inventory --vcenter prod-vc --name 'web-*' --power-state poweredOff
+    """
+    from blocks import VCenter
+    from flows.inventory import read_inventory
+
+    vms = read_inventory(VCenter.load(vcenter), name, power_state)
+    if as_json:
+        json.dump([vm.model_dump(mode="json") for vm in vms], sys.stdout, indent=2)
+        print()
+        return
+    table = Table(title=f"{len(vms)} VM(s) in {vcenter}")
+    for column in ("path", "power", "guest", "vCPU", "memory", "disks", "NICs"):
+        table.add_column(column)
+    for vm in vms:
+        table.add_row(
+            vm.path,
+            vm.power_state,
+            vm.guest_id or "?",
+            str(vm.num_cpu),
+            f"{vm.memory_mb} MiB",
+            f"{vm.disks} ({human_bytes(vm.disk_bytes)})",
+            ", ".join(vm.nics),
+        )
+    Console().print(table)
+
+
+@app.command()
+def migrate(
+    vm: str = typer.Argument(..., help="VM name, inventory path, moref or instance UUID."),
+    vcenter: str = typer.Option(..., help="VCenter block name."),
+    cluster: str = typer.Option(..., help="KvmCluster block name."),
+    storage: str = typer.Option(..., help="TemporaryStorage block name."),
+    settings: str | None = typer.Option(None, help="MigrationSettings block name."),
+    target_name: str | None = typer.Option(None, help="Domain name on KVM."),
+    convert_host: str | None = typer.Option(None, help="KvmHost block that runs virt-v2v."),
+    import_host: str | None = typer.Option(None, help="KvmHost block that gets the domain."),
+    verify_boot: bool = typer.Option(False, help="Boot the domain and wait for its login."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Migrate one VM, running the migrate-vm flow here.
+
+    Example: v2k migrate web-01 --vcenter prod-vc --cluster kvm-prod --storage scratch
+    """
+    from flows.migrate import migrate_vm
+    from tasks.models import MigrationRequest
+
+    request = MigrationRequest(
+        vcenter=vcenter,
+        vm=vm,
+        cluster=cluster,
+        temporary_storage=storage,
+        settings=settings,
+        target_name=target_name,
+        convert_host=convert_host,
+        import_host=import_host,
+        verify_boot=verify_boot,
+    )
+    try:
+        result = migrate_vm(request)
+    except Exception as exc:  # noqa: BLE001 - the command line shows the reason, not a trace
+        console.print(f"[red]migration failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{result.vm} -> {result.domain_name} on {result.import_host}")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("detail")
+    for stage in result.stages:
+        table.add_row(stage.name, f"{stage.seconds:.1f}", stage.detail)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,346 @@
+"""The `migrate-vm` flow: one VM from VMware to KVM, stage by stage (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from blocks import KvmCluster, KvmHost, KvmHostError, MigrationSettings, TemporaryStorage
+from blocks.vcenter import VCenterError
+from tasks import kvm
+from tasks.cleanup import Rollback, remove_tree
+from tasks.convert import convert_vm
+from tasks.export import run_export
+from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
+from tasks.models import (
+    ConvertedDisk,
+    ConvertResult,
+    ExportResult,
+    HostChoice,
+    ImportResult,
+    MigrationRequest,
+    MigrationResult,
+    StageReport,
+    VmSpec,
+)
+from tasks.preflight import Preflight, PreflightError, preflight
+from tasks.progress import Progress, artifact_key
+from tasks.vcenter import SourceError
+
+# Errors a retry cannot fix: the user has to change something first.
+USER_ERRORS = (PreflightError, SourceError, HostSelectionError, KvmHostError, VCenterError)
+
+
+def transient_only(task, task_run, state) -> bool:
+    """Retry condition: retry network and host faults, never a refusal or a user error."""
+    try:
+        state.result()
+    except USER_ERRORS:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may pass on a second try
+        return True
+    return True
+
+
+def _staged(fn, settings: MigrationSettings, stage: str):
+    policy = settings.policy(stage)
+    return fn.with_options(
+        retries=policy.retries,
+        retry_delay_seconds=policy.retry_delay_seconds,
+        timeout_seconds=policy.timeout_seconds,
+    )
+
+
+@task(name="preflight", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+def preflight_task(request: MigrationRequest) -> Preflight:
+    checked = preflight(request)
+    logger = get_run_logger()
+    for warning in checked.warnings:
+        logger.warning(warning)
+    logger.info(
+        "%s: %d vCPU, %d MiB, %s, %d disk(s) of %d bytes, %d NIC(s) -> %s",
+        checked.spec.inventory_path,
+        checked.spec.num_cpu,
+        checked.spec.memory_mb,
+        checked.spec.firmware,
+        len(checked.spec.disks),
+        checked.spec.total_disk_bytes,
+        len(checked.spec.nics),
+        checked.target_name,
+    )
+    return checked
+
+
+@task(name="select-hosts", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+def select_hosts_task(request: MigrationRequest, spec: VmSpec) -> HostChoice:
+    cluster = KvmCluster.load(request.cluster)
+    if not cluster.enabled:
+        raise HostSelectionError(f"cluster {request.cluster!r} is disabled")
+    probes = probe_hosts(cluster.load_hosts())
+    choice = choose_hosts(
+        probes,
+        windows=spec.is_windows,
+        convert=request.convert_host,
+        import_=request.import_host,
+    )
+    for reason in choice.reasons:
+        get_run_logger().info("host %s", reason)
+    return choice
+
+
+@task(name="convert", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+def convert_task(
+    request: MigrationRequest,
+    spec: VmSpec,
+    exported: ExportResult,
+    host_name: str,
+    target: str,
+    out_dir: str,
+    settings: MigrationSettings,
+    run_key: str,
+) -> ConvertResult:
+    storage = TemporaryStorage.load(request.temporary_storage)
+    logger = get_run_logger()
+    progress = Progress(artifact_key(run_key, "convert"), f"convert {spec.name} on {host_name}")
+    host_out = storage.path_on_host(out_dir)
+    done, disks, xml = convert_vm(
+        host_name,
+        KvmHost.load(host_name),
+        ova_dir=storage.path_on_host(exported.directory),
+        out_dir=host_out,
+        target=target,
+        capacities=[d.capacity_bytes for d in spec.disks],
+        windows=spec.is_windows,
+        verbose=settings.virt_v2v_verbose,
+        timeout_seconds=settings.convert_timeout_seconds,
+        progress=progress,
+        logger=logger,
+    )
+    return ConvertResult(
+        output_dir=out_dir,
+        disks=[
+            ConvertedDisk(path=str(Path(out_dir) / Path(p).name), virtual_size=v, actual_size=a)
+            for p, v, a in disks
+        ],
+        domain_xml=xml,
+        osinfo=kvm.parse_v2v_xml(xml)["osinfo"],
+        host=host_name,
+        seconds=done.seconds,
+        warnings=done.warnings,
+    )
+
+
+@task(name="import", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+def import_task(
+    request: MigrationRequest,
+    spec: VmSpec,
+    converted: ConvertResult,
+    host_name: str,
+    target: str,
+    run_key: str,
+) -> ImportResult:
+    cluster = KvmCluster.load(request.cluster)
+    host = KvmHost.load(host_name)
+    nics = [
+        (nic, *kvm.network_target(nic, cluster.network_map, cluster.default_network))
+        for nic in spec.nics
+    ]
+    pools = [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
+    progress = Progress(artifact_key(run_key, "import"), f"import {target} on {host_name}")
+    conn = kvm.open_connection(host.get_libvirt_uri())
+    try:
+        with host.get_connection() as host_conn:
+            dom, volumes, dom_type = kvm.import_disks_and_define(
+                conn,
+                host_conn,
+                target=target,
+                spec=spec,
+                sources=[(Path(d.path), d.virtual_size) for d in converted.disks],
+                pools=pools,
+                nics=nics,
+                v2v_xml=converted.domain_xml,
+                source_note={
+                    "vm": spec.inventory_path,
+                    "moref": spec.moref,
+                    "instance-uuid": spec.instance_uuid or "",
+                    "flow-run": str(flow_run.get_id() or ""),
+                },
+                on_progress=progress.bytes,
+            )
+        result = ImportResult(
+            domain_name=dom.name(),
+            domain_uuid=dom.UUIDString(),
+            host=host_name,
+            pool=cluster.storage_pool,
+            volumes=[f"{p}/{v}" for p, v in volumes],
+            osinfo=converted.osinfo,
+            domain_type=dom_type,
+        )
+    finally:
+        conn.close()
+    get_run_logger().info(
+        "defined %s (%s, %s) with %d volume(s), osinfo %s",
+        result.domain_name,
+        result.domain_uuid,
+        dom_type,
+        len(volumes),
+        result.osinfo,
+    )
+    return result
+
+
+@task(name="verify-boot", cache_policy=NO_CACHE)
+def verify_task(host_name: str, domain: str, timeout: float) -> bool:
+    logger = get_run_logger()
+    conn = kvm.open_connection(KvmHost.load(host_name).get_libvirt_uri())
+    try:
+        kvm.boot_check(
+            conn, domain, timeout, on_line=lambda line: logger.debug("console: %s", line)
+        )
+    finally:
+        conn.close()
+    logger.info("%s booted to its login prompt", domain)
+    return True
+
+
+def _undo_import(host_name: str, imported: ImportResult):
+    def undo() -> None:
+        conn = kvm.open_connection(KvmHost.load(host_name).get_libvirt_uri())
+        try:
+            kvm.remove_domain(conn, imported.domain_name)
+            kvm.remove_volumes(conn, [tuple(v.split("/", 1)) for v in imported.volumes])
+        finally:
+            conn.close()
+
+    return undo
+
+
+def _summary(result: MigrationResult) -> str:
+    rows = "\n".join(f"| {s.name} | {s.seconds:.1f} | {s.detail} |" for s in result.stages)
+    sums = "\n".join(f"| {name} | `{digest}` |" for name, digest in result.checksums.items())
+    return f"""# Migrated {result.vm}
+
+| | |
+|---|---|
+| domain | `{result.domain_name}` ({result.domain_uuid}) |
+| import host | {result.import_host} |
+| convert host | {result.convert_host} |
+| export | {result.export_host or "worker (management export)"} |
+| guest OS (libosinfo) | {result.osinfo or "unknown"} |
+| bytes exported | {result.bytes_exported} |
+| boot check | {"passed" if result.booted else "not run" if result.booted is None else "failed"} |
+
+| stage | seconds | detail |
+|---|---|---|
+{rows}
+
+| exported file | sha256 |
+|---|---|
+{sums}
+"""
+
+
+@flow(name="migrate-vm", flow_run_name="migrate-{request.vm}")
+def migrate_vm(request: MigrationRequest) -> MigrationResult:
+    """Migrate one VM: preflight, hosts, export, virt-v2v, libvirt import, boot check.
+
+    Nothing is left behind on failure: temporary files are removed, and a domain defined
+    by this run is undefined with its volumes. The source VM is only read.
+    """
+    logger = get_run_logger()
+    settings = MigrationSettings.load(request.settings) if request.settings else MigrationSettings()
+    storage = TemporaryStorage.load(request.temporary_storage)
+    stages: list[StageReport] = []
+
+    def timed(name: str, call, detail=lambda _r: ""):
+        started = time.monotonic()
+        result = call()
+        stages.append(
+            StageReport(name=name, seconds=time.monotonic() - started, detail=detail(result))
+        )
+        return result
+
+    checked = timed(
+        "preflight",
+        lambda: _staged(preflight_task, settings, "preflight")(request),
+        lambda r: f"{r.spec.inventory_path} -> {r.target_name}",
+    )
+    spec, target = checked.spec, checked.target_name
+    choice = timed(
+        "select_hosts",
+        lambda: _staged(select_hosts_task, settings, "select_hosts")(request, spec),
+        lambda r: "; ".join(r.reasons),
+    )
+    run_id = str(flow_run.get_id() or time.time_ns())[:8]
+    run_key = artifact_key(spec.moref, run_id)
+    run_dir = Path(storage.worker_path) / f"v2k-{spec.moref}-{run_id}"
+    undo = Rollback()
+    try:
+        exported = timed(
+            "export",
+            lambda: run_export(request.vcenter, spec, run_dir / "export", settings, run_key),
+            lambda r: f"{sum(d.bytes for d in r.disks)} bytes in {len(r.disks)} disk(s)",
+        )
+        converted = timed(
+            "convert",
+            lambda: _staged(convert_task, settings, "convert")(
+                request,
+                spec,
+                exported,
+                choice.convert,
+                target,
+                str(run_dir / "out"),
+                settings,
+                run_key,
+            ),
+            lambda r: f"on {r.host}, osinfo {r.osinfo}",
+        )
+        imported = timed(
+            "import",
+            lambda: _staged(import_task, settings, "import")(
+                request, spec, converted, choice.import_, target, run_key
+            ),
+            lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
+        )
+        undo.push(f"domain {imported.domain_name}", _undo_import(choice.import_, imported))
+        booted = None
+        if request.verify_boot:
+            booted = timed(
+                "verify",
+                lambda: _staged(verify_task, settings, "verify")(
+                    choice.import_, imported.domain_name, settings.boot_timeout
+                ),
+                lambda r: "login prompt seen",
+            )
+    except BaseException:
+        logger.error("migration of %s failed; rolling back", spec.name)
+        undo.run(logger)
+        raise
+    finally:
+        remove_tree(run_dir, Path(storage.worker_path))
+
+    result = MigrationResult(
+        vm=spec.inventory_path,
+        source_moref=spec.moref,
+        domain_name=imported.domain_name,
+        domain_uuid=imported.domain_uuid,
+        import_host=choice.import_,
+        convert_host=choice.convert,
+        export_host=choice.export,
+        stages=stages,
+        bytes_exported=sum(d.bytes for d in exported.disks),
+        checksums={d.file_name: d.sha256 for d in exported.disks},
+        osinfo=imported.osinfo,
+        booted=booted,
+        warnings=checked.warnings + converted.warnings,
+    )
+    create_markdown_artifact(
+        _summary(result), key=artifact_key("migration", spec.moref), description=f"{spec.name}"
+    )
+    logger.info("migrated %s to %s on %s", spec.name, result.domain_name, result.import_host)
+    return result

@@ -1,0 +1,144 @@
+"""The export stage: an NFC lease held by the parent task, one mapped download task per disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import SecretStr
+
+from blocks import MigrationSettings, VCenter
+from tasks import vcenter as vc
+from tasks.models import ExportedDisk, ExportResult, VmSpec
+from tasks.progress import Progress, artifact_key
+from tasks.transfer import download
+
+OVF_NAME = "vm.ovf"
+
+
+def disk_file_name(index: int) -> str:
+    """File name of the n-th disk in the export directory: fixed, never from the VM name."""
+    return f"disk-{index}.vmdk"
+
+
+@task(name="download-disk", task_run_name="download-disk-{index}", cache_policy=NO_CACHE)
+def download_disk(
+    index: int,
+    url: str,
+    expected_size: int | None,
+    directory: str,
+    vcenter_block: str,
+    cookie: SecretStr,
+    settings: MigrationSettings,
+    run_key: str,
+) -> ExportedDisk:
+    """Stream one disk of the lease into the export directory, resuming a partial file."""
+    vcenter = VCenter.load(vcenter_block)
+    dest = Path(directory) / disk_file_name(index)
+    progress = Progress(
+        artifact_key(run_key, f"disk-{index}"), f"export disk {index} ({dest.name})"
+    )
+    got = download(
+        url,
+        dest,
+        ssl_context=vcenter.ssl_context(),
+        headers={"Cookie": cookie.get_secret_value()},
+        expected_size=expected_size,
+        read_timeout=settings.http_timeout,
+        deadline_seconds=settings.export.timeout_seconds,
+        on_progress=progress.bytes,
+    )
+    if got.resumed_from:
+        get_run_logger().info(
+            "disk %d resumed from %d bytes already on disk", index, got.resumed_from
+        )
+    return ExportedDisk(
+        key=index,
+        file_name=dest.name,
+        bytes=got.bytes,
+        sha256=got.sha256,
+        seconds=got.seconds,
+        resumed_from=got.resumed_from,
+    )
+
+
+def _bytes_on_disk(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("disk-*.vmdk"))
+
+
+def export_vm(
+    vcenter_block: str,
+    spec: VmSpec,
+    directory: Path,
+    settings: MigrationSettings,
+    run_key: str,
+) -> ExportResult:
+    """Export a powered-off VM into `directory`: disks through the lease, then the descriptor.
+
+    The lease stays open, and alive, until every download task is done; it is completed on
+    success and aborted on any failure.
+    """
+    logger = get_run_logger()
+    vcenter = VCenter.load(vcenter_block)
+    directory.mkdir(parents=True, exist_ok=True)
+    total = spec.total_disk_bytes or 1
+    threads = settings.download_threads(len(spec.disks))
+    with vcenter.connect() as si:
+        vm = vc.find_vm(si, vc.datacenter(si, vcenter.datacenter), spec.moref)
+        with vc.export_lease(
+            vm,
+            progress=lambda: int(100 * _bytes_on_disk(directory) / total),
+        ) as lease:
+            urls = vc.disk_urls(lease, vcenter.host, vcenter.port)
+            if len(urls) != len(spec.disks):
+                raise vc.SourceError(
+                    f"the export lease offers {len(urls)} disks, the VM has {len(spec.disks)}"
+                )
+            logger.info("exporting %d disk(s) of %s, %d at a time", len(urls), spec.name, threads)
+            cookie = SecretStr(si._stub.cookie or "")
+            capped = download_disk.with_options(
+                retries=settings.export.retries,
+                retry_delay_seconds=settings.export.retry_delay_seconds,
+            )
+            # The caller's task runner caps how many run at once (threads_on_ms).
+            futures = capped.map(
+                index=list(range(len(urls))),
+                url=[u for _, u, _ in urls],
+                expected_size=[size for _, _, size in urls],
+                directory=unmapped(str(directory)),
+                vcenter_block=unmapped(vcenter_block),
+                cookie=unmapped(cookie),
+                settings=unmapped(settings),
+                run_key=unmapped(run_key),
+            )
+            disks = [f.result() for f in futures]
+            files = [
+                (device_id, disk.file_name, disk.bytes)
+                for (device_id, _, _), disk in zip(urls, disks, strict=True)
+            ]
+            descriptor = vc.create_descriptor(si, vm, files)
+    (directory / OVF_NAME).write_text(descriptor)
+    return ExportResult(
+        directory=str(directory), ovf=OVF_NAME, disks=disks, source_moref=spec.moref
+    )
+
+
+@flow(name="export-vm", flow_run_name="export-{spec.name}")
+def export_stage(
+    vcenter_block: str, spec: VmSpec, directory: str, settings: MigrationSettings, run_key: str
+) -> ExportResult:
+    """The export as a subflow, so its task runner caps parallel downloads."""
+    return export_vm(vcenter_block, spec, Path(directory), settings, run_key)
+
+
+def run_export(
+    vcenter_block: str, spec: VmSpec, directory: Path, settings: MigrationSettings, run_key: str
+) -> ExportResult:
+    """Run the export subflow with at most `threads_on_ms` downloads at once."""
+    runner = ThreadPoolTaskRunner(max_workers=settings.download_threads(len(spec.disks)))
+    return export_stage.with_options(task_runner=runner)(
+        vcenter_block, spec, str(directory), settings, run_key
+    )

@@ -1,0 +1,135 @@
+"""KVM hosts over fabric: probe what each offers and choose where to convert and import."""
+
+from __future__ import annotations
+
+import random
+import shlex
+from concurrent.futures import ThreadPoolExecutor
+
+from blocks import KvmHost
+from tasks.models import HostChoice, HostProbe
+
+# One round trip per host: each probe prints KEY=VALUE, and a missing tool prints nothing.
+_PROBE = r"""
+v() { "$@" 2>/dev/null | head -n 1; }
+mkdir -p -- {workdir} || exit 3
+echo "virt_v2v=$(v virt-v2v --version)"
+echo "nbdkit=$(v nbdkit --version)"
+echo "ovftool=$(v ovftool --version)"
+echo "qemu_img=$(v qemu-img --version)"
+if [ -d /usr/share/virtio-win ]; then echo virtio_win=1; fi
+echo "free_bytes=$(df -P -B1 -- {workdir} | awk 'NR==2 {{print $4}}')"
+"""
+
+
+class HostSelectionError(RuntimeError):
+    """No host can do the work, or a named host cannot; the message lists why per host."""
+
+
+def remote(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """A shell command line built only from quoted arguments (and quoted env assignments)."""
+    prefix = ["env", *(f"{k}={v}" for k, v in (env or {}).items())] if env else []
+    return shlex.join(prefix + argv)
+
+
+def probe_host(name: str, host: KvmHost, timeout: float = 60) -> HostProbe:
+    """Probe one host: virt-v2v, nbdkit, ovftool, qemu-img, virtio-win, free space."""
+    script = _PROBE.format(workdir=shlex.quote(host.workdir))
+    try:
+        with host.get_connection() as conn:
+            result = conn.run(
+                f"sh -c {shlex.quote(script)}",
+                hide=True,
+                warn=True,
+                timeout=timeout,
+                in_stream=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - every failure to reach a host is reported the same
+        return HostProbe(name=name, reachable=False, error=f"{type(exc).__name__}: {exc}")
+    if result.exited != 0:
+        return HostProbe(
+            name=name,
+            reachable=False,
+            error=f"probe exited {result.exited}: {result.stderr.strip()[-300:]}",
+        )
+    found: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if value.strip():
+            found[key.strip()] = value.strip()
+    free = found.get("free_bytes", "")
+    return HostProbe(
+        name=name,
+        reachable=True,
+        virt_v2v=found.get("virt_v2v"),
+        nbdkit=found.get("nbdkit"),
+        ovftool=found.get("ovftool"),
+        qemu_img=found.get("qemu_img"),
+        virtio_win="virtio_win" in found,
+        free_bytes=int(free) if free.isdigit() else None,
+    )
+
+
+def probe_hosts(hosts: dict[str, KvmHost], timeout: float = 60) -> list[HostProbe]:
+    """Probe every enabled host at once; disabled hosts are listed as such, not contacted."""
+    enabled = {name: host for name, host in hosts.items() if host.enabled}
+    probes = [
+        HostProbe(name=name, reachable=False, error="disabled in its KvmHost block")
+        for name, host in hosts.items()
+        if not host.enabled
+    ]
+    if enabled:
+        with ThreadPoolExecutor(max_workers=min(16, len(enabled))) as pool:
+            futures = [pool.submit(probe_host, n, h, timeout) for n, h in enabled.items()]
+            probes += [f.result() for f in futures]
+    return sorted(probes, key=lambda p: p.name)
+
+
+def choose_hosts(
+    probes: list[HostProbe],
+    *,
+    windows: bool,
+    convert: str | None = None,
+    import_: str | None = None,
+    rng: random.Random | None = None,
+) -> HostChoice:
+    """Pick the convert and import hosts: the named ones if able, else at random among the able.
+
+    Raises:
+        HostSelectionError: a named host is not in the cluster or cannot convert, or no
+            host can; the message gives the reason of every host.
+    """
+    rng = rng or random.Random()
+    by_name = {p.name: p for p in probes}
+    why_not = {p.name: p.can_convert(windows) for p in probes}
+    summary = "; ".join(f"{n}: {why or 'ok'}" for n, why in sorted(why_not.items()))
+    able = sorted(n for n, why in why_not.items() if why is None)
+    reasons: list[str] = []
+
+    def pick(role: str, wanted: str | None, need_convert: bool) -> str:
+        if wanted is not None:
+            if wanted not in by_name:
+                raise HostSelectionError(
+                    f"{role} host {wanted!r} is not a host of the cluster "
+                    f"(hosts: {', '.join(sorted(by_name))})"
+                )
+            probe = by_name[wanted]
+            problem = (
+                why_not[wanted]
+                if need_convert
+                else (None if probe.reachable else f"unreachable: {probe.error}")
+            )
+            if problem:
+                raise HostSelectionError(f"{role} host {wanted!r} cannot be used: {problem}")
+            reasons.append(f"{role}: {wanted} (named)")
+            return wanted
+        candidates = able if need_convert else sorted(n for n, p in by_name.items() if p.reachable)
+        if not candidates:
+            raise HostSelectionError(f"no host of the cluster can {role}: {summary}")
+        chosen = rng.choice(candidates)
+        reasons.append(f"{role}: {chosen} (random among {', '.join(candidates)})")
+        return chosen
+
+    convert_host = pick("convert", convert, need_convert=True)
+    import_host = pick("import", import_, need_convert=False)
+    return HostChoice(convert=convert_host, import_=import_host, probes=probes, reasons=reasons)

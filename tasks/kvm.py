@@ -1,0 +1,406 @@
+"""The destination side with libvirt-python: volumes, the domain definition, the boot check."""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+import libvirt
+
+from tasks.models import NicSpec, VmSpec
+
+OSINFO_NS = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
+V2K_NS = "https://github.com/v2k/xmlns/migration/1"
+ET.register_namespace("libosinfo", OSINFO_NS)
+ET.register_namespace("v2k", V2K_NS)
+
+_STREAM_CHUNK = 4 << 20
+
+
+class KvmImportError(RuntimeError):
+    """The import into libvirt failed; the message says at which step."""
+
+
+def _silence_libvirt() -> None:
+    # libvirt prints every error to stderr as well as raising it; raising is enough.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+_silence_libvirt()
+
+
+def open_connection(uri: str) -> libvirt.virConnect:
+    """Open a libvirt connection, with an error that names the URI (never a password)."""
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise KvmImportError(
+            f"cannot connect to libvirt at {uri}: {exc.get_error_message()}"
+        ) from None
+
+
+def domain_type(conn: libvirt.virConnect) -> str:
+    """`kvm` when the host can run KVM guests, else `qemu` (software emulation)."""
+    try:
+        caps = ET.fromstring(conn.getDomainCapabilities(None, "x86_64", None, "kvm"))
+    except libvirt.libvirtError:
+        return "qemu"
+    return "kvm" if caps.findtext("domain") == "kvm" else "qemu"
+
+
+def domain_exists(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def macs_in_use(conn: libvirt.virConnect) -> dict[str, str]:
+    """MAC address -> name of the domain that has it, over every domain of the host."""
+    used: dict[str, str] = {}
+    for dom in conn.listAllDomains():
+        for mac in ET.fromstring(dom.XMLDesc()).iterfind("./devices/interface/mac"):
+            used[mac.get("address", "").lower()] = dom.name()
+    return used
+
+
+def pool_free_bytes(conn: libvirt.virConnect, pool_name: str) -> int:
+    pool = lookup_pool(conn, pool_name)
+    pool.refresh()
+    return pool.info()[3]
+
+
+def lookup_pool(conn: libvirt.virConnect, pool_name: str) -> libvirt.virStoragePool:
+    try:
+        pool = conn.storagePoolLookupByName(pool_name)
+    except libvirt.libvirtError:
+        names = ", ".join(sorted(conn.listStoragePools() + conn.listDefinedStoragePools()))
+        raise KvmImportError(
+            f"storage pool {pool_name!r} does not exist on the import host (pools: {names})"
+        ) from None
+    if not pool.isActive():
+        raise KvmImportError(f"storage pool {pool_name!r} is not active: start it first")
+    return pool
+
+
+def volume_exists(pool: libvirt.virStoragePool, name: str) -> bool:
+    try:
+        pool.storageVolLookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def upload_volume(
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    name: str,
+    source: Path,
+    virtual_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> libvirt.virStorageVol:
+    """Create a qcow2 volume and stream the converted file into it."""
+    vol_xml = (
+        f"<volume><name>{_escape(name)}</name><capacity>{virtual_size}</capacity>"
+        "<allocation>0</allocation><target><format type='qcow2'/></target></volume>"
+    )
+    vol = pool.createXML(vol_xml, 0)
+    size = source.stat().st_size
+    stream = conn.newStream(0)
+    sent = 0
+    try:
+        vol.upload(stream, 0, size, 0)
+        with source.open("rb") as f:
+            while chunk := f.read(_STREAM_CHUNK):
+                stream.send(chunk)
+                sent += len(chunk)
+                if on_progress:
+                    on_progress(sent, size)
+        stream.finish()
+    except BaseException:
+        try:
+            stream.abort()
+        finally:
+            vol.delete(0)
+        raise
+    pool.refresh()
+    return vol
+
+
+def _escape(text: str) -> str:
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&apos;")
+    )
+
+
+def parse_v2v_xml(xml_text: str) -> dict:
+    """What v2k takes from virt-v2v's XML: osinfo id, machine, disk buses, NIC models."""
+    root = ET.fromstring(xml_text)
+    osinfo = root.find(f".//{{{OSINFO_NS}}}os")
+    osinfo_id = osinfo.get("id") if osinfo is not None else None
+    type_el = root.find("./os/type")
+    return {
+        "osinfo": osinfo_id,
+        "machine": type_el.get("machine") if type_el is not None else None,
+        "disk_buses": [
+            t.get("bus") for t in root.iterfind("./devices/disk[@device='disk']/target")
+        ],
+        "nic_models": [m.get("type") for m in root.iterfind("./devices/interface/model")],
+        "efi": root.find("./os/loader") is not None
+        or root.find("./os[@firmware='efi']") is not None,
+    }
+
+
+def network_target(
+    nic: NicSpec, network_map: dict[str, str], default: str | None
+) -> tuple[str, str]:
+    """(`network` or `bridge`, name) for a NIC from the cluster's map; KeyError when unmapped."""
+    target = network_map.get(nic.portgroup or "") or default
+    if not target:
+        raise KeyError(nic.portgroup)
+    kind, _, name = target.partition(":")
+    return kind, name
+
+
+def domain_xml(
+    *,
+    name: str,
+    spec: VmSpec,
+    dom_type: str,
+    volumes: list[tuple[str, str]],
+    nics: list[tuple[NicSpec, str, str]],
+    v2v: dict,
+    source_note: dict[str, str],
+) -> str:
+    """The domain definition: the source's CPU, memory, firmware and MACs on v2k's mapping.
+
+    Args:
+        volumes: (pool, volume) per disk, in source order.
+        nics: (nic, kind, target) per NIC, kind `network` or `bridge`.
+        v2v: what `parse_v2v_xml` found in virt-v2v's output.
+        source_note: where the domain came from, kept in its metadata.
+    """
+    dom = ET.Element("domain", type=dom_type)
+    ET.SubElement(dom, "name").text = name
+    metadata = ET.SubElement(dom, "metadata")
+    if v2v.get("osinfo"):
+        lib = ET.SubElement(metadata, f"{{{OSINFO_NS}}}libosinfo")
+        ET.SubElement(lib, f"{{{OSINFO_NS}}}os", id=v2v["osinfo"])
+    note = ET.SubElement(metadata, f"{{{V2K_NS}}}migration")
+    for key, value in source_note.items():
+        ET.SubElement(note, f"{{{V2K_NS}}}{key}").text = value
+    ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mb)
+    ET.SubElement(dom, "vcpu", placement="static").text = str(spec.num_cpu)
+    cores = spec.cores_per_socket if spec.num_cpu % spec.cores_per_socket == 0 else 1
+    cpu = (
+        ET.SubElement(dom, "cpu", mode="host-model")
+        if dom_type == "kvm"
+        else ET.SubElement(dom, "cpu")
+    )
+    ET.SubElement(
+        cpu, "topology", sockets=str(spec.num_cpu // cores), dies="1", cores=str(cores), threads="1"
+    )
+    efi = spec.firmware == "efi"
+    machine = v2v.get("machine") or ("q35" if efi else "pc")
+    os_el = ET.SubElement(dom, "os", firmware="efi") if efi else ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", arch="x86_64", machine=machine).text = "hvm"
+    if efi:
+        fw = ET.SubElement(os_el, "firmware")
+        enabled = "yes" if spec.secure_boot else "no"
+        ET.SubElement(fw, "feature", enabled=enabled, name="secure-boot")
+        ET.SubElement(fw, "feature", enabled=enabled, name="enrolled-keys")
+    ET.SubElement(os_el, "boot", dev="hd")
+    features = ET.SubElement(dom, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
+    if efi and spec.secure_boot:
+        ET.SubElement(features, "smm", state="on")
+    ET.SubElement(dom, "clock", offset="localtime" if spec.is_windows else "utc")
+    devices = ET.SubElement(dom, "devices")
+    buses = v2v.get("disk_buses") or []
+    for index, (pool, volume) in enumerate(volumes):
+        bus = buses[index] if index < len(buses) and buses[index] else "virtio"
+        disk = ET.SubElement(devices, "disk", type="volume", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+        ET.SubElement(disk, "source", pool=pool, volume=volume)
+        prefix = "vd" if bus == "virtio" else "sd"
+        ET.SubElement(disk, "target", dev=f"{prefix}{chr(ord('a') + index)}", bus=bus)
+    models = v2v.get("nic_models") or []
+    for index, (nic, kind, target) in enumerate(nics):
+        iface = ET.SubElement(devices, "interface", type=kind)
+        ET.SubElement(iface, "mac", address=nic.mac)
+        ET.SubElement(iface, "source", **{kind: target})
+        model = models[index] if index < len(models) and models[index] else "virtio"
+        ET.SubElement(iface, "model", type=model)
+        if not nic.connected:
+            ET.SubElement(iface, "link", state="down")
+    serial = ET.SubElement(devices, "serial", type="pty")
+    ET.SubElement(serial, "target", port="0")
+    console = ET.SubElement(devices, "console", type="pty")
+    ET.SubElement(console, "target", type="serial", port="0")
+    ET.SubElement(devices, "graphics", type="vnc", autoport="yes", listen="127.0.0.1")
+    video = ET.SubElement(devices, "video")
+    ET.SubElement(video, "model", type="vga")
+    rng = ET.SubElement(devices, "rng", model="virtio")
+    ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def define_domain(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
+    try:
+        return conn.defineXML(xml)
+    except libvirt.libvirtError as exc:
+        raise KvmImportError(
+            f"libvirt refused the domain definition: {exc.get_error_message()}"
+        ) from None
+
+
+def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
+    """Destroy and undefine a domain with its NVRAM; True when there was one."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    if dom.isActive():
+        dom.destroy()
+    flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    dom.undefineFlags(flags)
+    return True
+
+
+def remove_volumes(conn: libvirt.virConnect, volumes: list[tuple[str, str]]) -> None:
+    """Delete (pool, volume) pairs; the ones already gone are skipped."""
+    for pool_name, vol_name in volumes:
+        try:
+            conn.storagePoolLookupByName(pool_name).storageVolLookupByName(vol_name).delete(0)
+        except libvirt.libvirtError:
+            continue
+
+
+def wait_for_login(
+    conn: libvirt.virConnect,
+    dom: libvirt.virDomain,
+    timeout: float,
+    prompt: bytes = b"login:",
+    on_line: Callable[[str], None] | None = None,
+) -> str:
+    """Read the serial console until the login prompt; return what was read.
+
+    Raises:
+        TimeoutError: no prompt within `timeout` seconds (the console text is in the message).
+    """
+    stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+    dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+    seen = b""
+    pending = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            data = stream.recv(4096)
+            if data == -2 or data == b"":
+                # -2: nothing to read yet on a non-blocking stream.
+                if data == b"":
+                    break
+                time.sleep(0.2)
+                continue
+            seen += data
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                if on_line:
+                    on_line(line.decode(errors="replace").rstrip("\r"))
+            if prompt in seen:
+                return seen.decode(errors="replace")
+    finally:
+        try:
+            stream.abort()
+        except libvirt.libvirtError:
+            pass
+    tail = seen.decode(errors="replace")[-800:]
+    raise TimeoutError(
+        f"no {prompt.decode()!r} on the serial console in {timeout:.0f} s; last:\n{tail}"
+    )
+
+
+def check_volume(host_conn, path: str) -> None:
+    """`qemu-img check` of a volume on its host; raise KvmImportError when it is damaged."""
+    from tasks.hosts import remote
+
+    result = host_conn.run(
+        remote(["qemu-img", "check", "-f", "qcow2", "--", path]),
+        hide=True,
+        warn=True,
+        in_stream=False,
+        timeout=600,
+    )
+    if result.exited != 0:
+        raise KvmImportError(f"qemu-img check failed for {path}: {result.stdout.strip()[-300:]}")
+
+
+def import_disks_and_define(
+    conn: libvirt.virConnect,
+    host_conn,
+    *,
+    target: str,
+    spec: VmSpec,
+    sources: list[tuple[Path, int]],
+    pools: list[str],
+    nics: list[tuple[NicSpec, str, str]],
+    v2v_xml: str,
+    source_note: dict[str, str],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[libvirt.virDomain, list[tuple[str, str]], str]:
+    """Upload each converted disk into its pool, check it, and define the domain.
+
+    Whatever this creates is removed again if a later step of it fails.
+
+    Args:
+        sources: (qcow2 file as the worker sees it, virtual size) per disk, in order.
+        pools: destination pool per disk.
+
+    Returns:
+        The domain, its (pool, volume) list, and the domain type used.
+    """
+    created: list[tuple[str, str]] = []
+    dom_type = domain_type(conn)
+    try:
+        for index, ((path, virtual_size), pool_name) in enumerate(zip(sources, pools, strict=True)):
+            pool = lookup_pool(conn, pool_name)
+            vol_name = f"{target}-disk{index}.qcow2"
+            if volume_exists(pool, vol_name):
+                raise KvmImportError(
+                    f"volume {vol_name!r} already exists in pool {pool_name!r}: remove it or "
+                    "choose another target name"
+                )
+            vol = upload_volume(conn, pool, vol_name, path, virtual_size, on_progress)
+            created.append((pool_name, vol_name))
+            check_volume(host_conn, vol.path())
+        xml = domain_xml(
+            name=target,
+            spec=spec,
+            dom_type=dom_type,
+            volumes=created,
+            nics=nics,
+            v2v=parse_v2v_xml(v2v_xml),
+            source_note=source_note,
+        )
+        dom = define_domain(conn, xml)
+    except BaseException:
+        remove_volumes(conn, created)
+        raise
+    return dom, created, dom_type
+
+
+def boot_check(conn: libvirt.virConnect, name: str, timeout: float, on_line=None) -> str:
+    """Start the domain, wait for its login prompt, then power it off again."""
+    dom = conn.lookupByName(name)
+    dom.create()
+    try:
+        return wait_for_login(conn, dom, timeout, on_line=on_line)
+    finally:
+        if dom.isActive():
+            dom.destroy()

@@ -1,0 +1,239 @@
+"""Preflight: read the source VM and check every rule before anything is created."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from blocks import KvmCluster, KvmHost, TemporaryStorage, VCenter
+from tasks import kvm
+from tasks import vcenter as vc
+from tasks.models import MigrationRequest, VmSpec, libvirt_name
+
+
+class Concern(BaseModel):
+    """One finding of a rule: critical blocks the migration, warning informs."""
+
+    rule: str
+    severity: Literal["critical", "warning"]
+    message: str
+    fix: str
+
+
+class PreflightError(RuntimeError):
+    """A critical concern: the migration is refused before anything was created."""
+
+    def __init__(self, concerns: list[Concern]) -> None:
+        self.concerns = concerns
+        lines = [f"{c.message} Fix: {c.fix}" for c in concerns]
+        super().__init__("migration refused: " + " | ".join(lines))
+
+
+class Preflight(BaseModel):
+    spec: VmSpec
+    target_name: str
+    concerns: list[Concern]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [c.message for c in self.concerns if c.severity == "warning"]
+
+
+def source_rules(spec: VmSpec) -> list[Concern]:
+    """Rules on the source VM alone."""
+    concerns: list[Concern] = []
+    if spec.power_state != "poweredOff":
+        concerns.append(
+            Concern(
+                rule="powered-on",
+                severity="critical",
+                message=f"VM {spec.name!r} is {spec.power_state}.",
+                fix="shut the VM down (cold migration needs a powered-off source)",
+            )
+        )
+    for disk in spec.disks:
+        if disk.rdm:
+            concerns.append(
+                Concern(
+                    rule="rdm-disk",
+                    severity="critical",
+                    message=f"{disk.label} is a raw device mapping ({disk.file_name}).",
+                    fix="migrate the LUN's data separately and remove the RDM from the VM",
+                )
+            )
+        elif disk.mode.startswith("independent"):
+            concerns.append(
+                Concern(
+                    rule="independent-disk",
+                    severity="critical",
+                    message=f"{disk.label} is in {disk.mode} mode, which cannot be exported.",
+                    fix="change the disk mode to dependent (persistent) in vSphere",
+                )
+            )
+    if not spec.disks:
+        concerns.append(
+            Concern(
+                rule="no-disks",
+                severity="critical",
+                message=f"VM {spec.name!r} has no virtual disk.",
+                fix="nothing to convert: create the VM on KVM directly",
+            )
+        )
+    if spec.snapshot_count:
+        concerns.append(
+            Concern(
+                rule="snapshots",
+                severity="warning",
+                message=f"VM has {spec.snapshot_count} snapshot(s); the current state is exported.",
+                fix="consolidate or delete snapshots to migrate an older state",
+            )
+        )
+    return concerns
+
+
+def destination_rules(
+    spec: VmSpec,
+    target_name: str,
+    cluster: KvmCluster,
+    hosts: dict[str, KvmHost],
+    storage: TemporaryStorage,
+) -> list[Concern]:
+    """Rules against the destination: name and MACs free, maps complete, room everywhere."""
+    concerns: list[Concern] = []
+    for nic in spec.nics:
+        try:
+            kvm.network_target(nic, cluster.network_map, cluster.default_network)
+        except KeyError:
+            concerns.append(
+                Concern(
+                    rule="unmapped-portgroup",
+                    severity="critical",
+                    message=f"{nic.label} is on port group {nic.portgroup!r}, which has no map.",
+                    fix="add it to the cluster's network_map or set default_network",
+                )
+            )
+    workdir = Path(storage.worker_path)
+    if not workdir.is_dir():
+        concerns.append(
+            Concern(
+                rule="temporary-storage",
+                severity="critical",
+                message=f"temporary storage {storage.worker_path} does not exist on the worker.",
+                fix="create it, or mount the shared storage there",
+            )
+        )
+    else:
+        # The export and virt-v2v's output both live there until the import is done.
+        need = 2 * spec.total_disk_bytes + storage.reserve_bytes
+        free = shutil.disk_usage(workdir).free
+        if free < need:
+            concerns.append(
+                Concern(
+                    rule="temporary-space",
+                    severity="critical",
+                    message=(
+                        f"temporary storage {storage.worker_path} has {free} bytes free, "
+                        f"the export and conversion need up to {need}."
+                    ),
+                    fix="free space there or point TemporaryStorage at a larger place",
+                )
+            )
+    seen_uris: set[str] = set()
+    for name, host in hosts.items():
+        if not host.enabled:
+            continue
+        uri = host.get_libvirt_uri()
+        if uri in seen_uris:
+            continue
+        seen_uris.add(uri)
+        try:
+            conn = kvm.open_connection(uri)
+        except kvm.KvmImportError:
+            continue  # select_hosts reports unreachable hosts with the reason
+        try:
+            concerns += _host_rules(conn, name, spec, target_name, cluster)
+        finally:
+            conn.close()
+    return concerns
+
+
+def _host_rules(conn, host: str, spec: VmSpec, target_name: str, cluster: KvmCluster):
+    concerns: list[Concern] = []
+    if kvm.domain_exists(conn, target_name):
+        concerns.append(
+            Concern(
+                rule="target-exists",
+                severity="critical",
+                message=f"a domain named {target_name!r} is already defined on {host}.",
+                fix="choose another target_name, or remove that domain",
+            )
+        )
+    used = kvm.macs_in_use(conn)
+    for nic in spec.nics:
+        if nic.mac in used and used[nic.mac] != target_name:
+            concerns.append(
+                Concern(
+                    rule="mac-in-use",
+                    severity="critical",
+                    message=(
+                        f"MAC {nic.mac} of {nic.label} is used by domain "
+                        f"{used[nic.mac]!r} on {host}."
+                    ),
+                    fix="remove or change that domain's NIC; v2k keeps the source MACs",
+                )
+            )
+    try:
+        free = kvm.pool_free_bytes(conn, cluster.storage_pool)
+    except kvm.KvmImportError as exc:
+        concerns.append(
+            Concern(
+                rule="storage-pool",
+                severity="critical",
+                message=f"{host}: {exc}.",
+                fix="create and start the pool, or fix storage_pool in the cluster block",
+            )
+        )
+    else:
+        if free < spec.total_disk_bytes:
+            concerns.append(
+                Concern(
+                    rule="destination-space",
+                    severity="critical",
+                    message=(
+                        f"pool {cluster.storage_pool!r} on {host} has {free} bytes free, the "
+                        f"disks need up to {spec.total_disk_bytes}."
+                    ),
+                    fix="free space in the pool or choose another pool",
+                )
+            )
+    return concerns
+
+
+def preflight(request: MigrationRequest) -> Preflight:
+    """Read the VM and check every rule; raise PreflightError on any critical concern.
+
+    Raises:
+        SourceError: the VM cannot be found (or the name is ambiguous).
+        PreflightError: a rule refused the migration; nothing was created.
+    """
+    vcenter = VCenter.load(request.vcenter)
+    with vcenter.connect() as si:
+        dc = vc.datacenter(si, vcenter.datacenter)
+        spec = vc.read_spec(si, vc.find_vm(si, dc, request.vm))
+    target = request.target_name or libvirt_name(spec.name)
+    cluster = KvmCluster.load(request.cluster)
+    concerns = source_rules(spec)
+    concerns += destination_rules(
+        spec,
+        target,
+        cluster,
+        cluster.load_hosts(),
+        TemporaryStorage.load(request.temporary_storage),
+    )
+    critical = [c for c in concerns if c.severity == "critical"]
+    if critical:
+        raise PreflightError(critical)
+    return Preflight(spec=spec, target_name=target, concerns=concerns)
