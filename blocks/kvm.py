@@ -126,6 +126,11 @@ class KvmHost(Block):
                 continue
         raise KvmHostError(f"private_key of host {self.address} is not an OpenSSH private key")
 
+    def _known_hosts_file(self) -> bool:
+        """Whether `known_hosts` names a file (else it holds the lines themselves)."""
+        value = (self.known_hosts or "").strip()
+        return bool(value) and "\n" not in value and Path(value).is_file()
+
     def _load_known_hosts(self, client: paramiko.SSHClient) -> None:
         source = self.known_hosts
         if source is None:
@@ -133,7 +138,7 @@ class KvmHost(Block):
             if default.is_file():
                 client.load_host_keys(str(default))
             return
-        if "\n" not in source.strip() and Path(source).is_file():
+        if self._known_hosts_file():
             client.load_host_keys(source)
             return
         keys = client.get_host_keys()
@@ -195,7 +200,7 @@ class KvmHost(Block):
                 "can reach the host over SSH"
             )
         params = {"keyfile": self.private_key_path, "sshauth": "privkey"}
-        if self.known_hosts and "\n" not in self.known_hosts.strip():
+        if self._known_hosts_file():
             params["known_hosts"] = self.known_hosts
         params["known_hosts_verify"] = "normal" if self.host_key_policy == "reject" else "auto"
         query = urlencode(params, safe="/")

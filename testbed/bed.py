@@ -1,0 +1,156 @@
+"""The whole test bed in one object: vCenter simulator with its inventory, KVM hosts, libvirtd.
+
+`TestBed` starts the parts in order, describes them as JSON, and makes the v2k blocks
+that point at them, so a flow run in the test bed uses exactly what a user would save.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from testbed.inventory import DEFAULT_INVENTORY, apply_inventory, load_inventory
+from testbed.kvmhosts import KvmHosts
+from testbed.libvirtd import Libvirtd, ssh_uri
+from testbed.vcsim import VcSim
+
+log = logging.getLogger("testbed")
+
+# Port groups of the default inventory and the libvirt networks they land on.
+NETWORK_MAP = {"VM Network": "network:v2k-net", "DC0_DVPG0": "network:v2k-net2"}
+
+
+class TestBed:
+    """vCenter simulator, N KVM hosts and libvirtd, started and stopped together.
+
+    Args:
+        workdir: Everything of this test bed lives below it.
+        hosts: Number of KVM hosts.
+        libvirt: Start libvirtd with the pool and networks.
+        inventory: YAML inventory for the simulator; None for an empty one.
+        real_guest: Put the real Debian guest image where the inventory asks for it
+            (built once, cached); False puts synthetic disks there (fast tests).
+        esx: A standalone ESXi host instead of vCenter.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        hosts: int = 2,
+        libvirt: bool = True,
+        inventory: Path | None = DEFAULT_INVENTORY,
+        real_guest: bool = False,
+        esx: bool = False,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.vcsim = VcSim(self.workdir / "vcsim", esx=esx)
+        self.hosts = KvmHosts(self.workdir / "hosts", count=hosts) if hosts else None
+        self.libvirtd = Libvirtd(self.workdir / "libvirt") if libvirt else None
+        self.inventory_path = inventory
+        self.real_guest = real_guest
+        self.scratch = self.workdir / "scratch"
+        self.applied = None
+
+    def __enter__(self) -> TestBed:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> TestBed:
+        try:
+            guest = None
+            if self.real_guest:
+                from testbed.images import debian_guest
+
+                guest = debian_guest()
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            self.vcsim.start()
+            if self.inventory_path is not None:
+                with self.vcsim.connect() as si:
+                    self.applied = apply_inventory(
+                        si,
+                        load_inventory(self.inventory_path),
+                        guest_image=guest,
+                        verify=str(self.vcsim.ca_cert),
+                        datastore_root=self.workdir / "datastores",
+                        work_dir=self.workdir / "images",
+                    )
+            if self.hosts:
+                self.hosts.start()
+            if self.libvirtd:
+                self.libvirtd.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every part; each is stopped even when another fails."""
+        for part in (self.libvirtd, self.hosts, self.vcsim):
+            if part is None:
+                continue
+            try:
+                part.stop()
+            except Exception as exc:  # noqa: BLE001 - stop the rest all the same
+                log.warning("stopping %s failed: %s", type(part).__name__, exc)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def info(self) -> dict[str, Any]:
+        """The test bed as JSON-ready data: endpoints, credentials, keys, pids."""
+        return {
+            "vcenter": self.vcsim.info(),
+            "hosts": self.hosts.info() if self.hosts else [],
+            "libvirt": self.libvirtd.info() if self.libvirtd else None,
+            "scratch": str(self.scratch),
+        }
+
+    def blocks(self, prefix: str = "testbed") -> dict[str, Any]:
+        """The v2k blocks for this test bed, by the name to save them under (not saved)."""
+        from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage, VCenter
+
+        made: dict[str, Any] = {
+            f"{prefix}-vcenter": VCenter(
+                host=self.vcsim.host,
+                port=self.vcsim.port,
+                username=self.vcsim.user,
+                password=self.vcsim.password,
+                datacenter=self.vcsim.datacenter,
+                ca_cert=Path(self.vcsim.ca_cert).read_text(),
+            ),
+            f"{prefix}-scratch": TemporaryStorage(worker_path=str(self.scratch), reserve_bytes=0),
+            f"{prefix}-settings": MigrationSettings(),
+        }
+        host_names = []
+        for host in self.hosts.hosts if self.hosts else []:
+            name = f"{prefix}-{host.name}"
+            host_names.append(name)
+            made[name] = KvmHost(
+                address=host.address,
+                port=host.port,
+                user=host.user,
+                private_key_path=str(host.key_path),
+                known_hosts=str(host.known_hosts),
+                libvirt_uri=ssh_uri(host) if self.libvirtd else None,
+                workdir=str(host.workdir),
+            )
+        if host_names:
+            made[f"{prefix}-cluster"] = KvmCluster(
+                hosts=host_names,
+                storage_pool=self.libvirtd.pool if self.libvirtd else "default",
+                network_map=NETWORK_MAP,
+            )
+        return made
+
+    def save_blocks(self, prefix: str = "testbed") -> dict[str, str]:
+        """Save the blocks (overwriting) and return {kind: block name}."""
+        names = {}
+        for name, block in self.blocks(prefix).items():
+            block.save(name, overwrite=True)
+            names[name.removeprefix(f"{prefix}-")] = name
+        return names
