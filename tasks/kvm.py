@@ -267,8 +267,13 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
         return False
     if dom.isActive():
         dom.destroy()
-    flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-    dom.undefineFlags(flags)
+    try:
+        dom.undefineFlags(
+            libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        )
+    except libvirt.libvirtError:
+        # Drivers without NVRAM support refuse the flags; a plain undefine is then complete.
+        dom.undefine()
     return True
 
 
