@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -135,3 +137,48 @@ def test_debian_guest_builds_with_grub_and_kernel():
     assert images.HOSTNAME in lines
     assert "MODULES=list" in lines
     assert "console=ttyS0" in lines and "/boot/vmlinuz-" in lines
+
+
+def _fake_build(calls: list, fail: bool = False):
+    def build(work):
+        calls.append(work)
+        time.sleep(0.2)
+        (work / "guest.vmdk").write_bytes(b"not really a vmdk")
+        if fail:
+            raise RuntimeError("debootstrap broke")
+        (work / "meta.json").write_text("{}")
+
+    return build
+
+
+def test_debian_guest_cache_is_atomic_and_locked(tmp_path, monkeypatch):
+    monkeypatch.setenv("V2K_CACHE", str(tmp_path))
+    calls: list = []
+    monkeypatch.setattr(images, "_build_debian", _fake_build(calls, fail=True))
+    with pytest.raises(RuntimeError, match="debootstrap broke"):
+        images.debian_guest()
+    final = images.debian_guest_dir()
+    assert not final.exists()  # a broken build never looks done
+    assert [p.name for p in final.parent.iterdir()] == [f"{final.name}.lock"]
+
+    calls.clear()
+    monkeypatch.setattr(images, "_build_debian", _fake_build(calls))
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: images.debian_guest(), range(3)))
+    assert paths == [final / "guest.vmdk"] * 3
+    assert len(calls) == 1  # one build, the others waited for it
+    assert sorted(p.name for p in final.iterdir()) == ["guest.vmdk", "meta.json"]
+
+    images.debian_guest(rebuild=True)
+    assert len(calls) == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount")
+def test_remove_tree_unmounts_first(tmp_path):
+    inner = tmp_path / "root" / "proc"
+    inner.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
+    (inner / "keep").write_text("x")
+    images._remove_tree(tmp_path / "root")
+    assert not (tmp_path / "root").exists()
+    assert images._mounts_below(tmp_path) == []

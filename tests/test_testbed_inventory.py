@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -18,6 +21,7 @@ from testbed.inventory import (
     apply_inventory,
     expected_vm,
     find_vm,
+    for_esx,
     load_inventory,
     observe_vm,
     parse_inventory,
@@ -162,6 +166,16 @@ def test_bad_vm_fields_are_refused(field, value, fragment):
     _expect_error(data, fragment)
 
 
+def test_a_vm_needs_somewhere_to_run():
+    data = _raw_default()
+    data["datacenters"][0]["clusters"] = []
+    _expect_error(data, "VM 'debian-stopped' needs a cluster or a host, none declared")
+
+    data["datacenters"][0]["hosts"] = ["esx1"]
+    _vm_raw(data, "debian-running")["host"] = "esx2"
+    _expect_error(data, "VM 'debian-running': unknown host 'esx2'")
+
+
 def test_bad_references_are_refused():
     data = _raw_default()
     _vm_raw(data, "debian-running")["disks"][0]["datastore"] = "NoSuchDS"
@@ -190,7 +204,7 @@ def test_load_inventory_names_the_file(tmp_path):
     bad.write_text("datacenters:\n  - name: DC0\n")
     with pytest.raises(InventoryError, match=r"bad\.yaml: invalid inventory") as exc:
         load_inventory(bad)
-    assert "clusters: Field required" in str(exc.value)
+    assert "datacenters['DC0'].datastores: Field required" in str(exc.value)
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,31 +215,16 @@ def test_load_inventory_names_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def vcenter(tmp_path_factory):
     """A running test bed vCenter simulator: (VcSim, connected ServiceInstance)."""
-    try:
-        from testbed.vcsim import VcSim
-    except ImportError:
-        VcSim = None
-    if VcSim is None:  # DEV ONLY
-        import re
-        from types import SimpleNamespace
-        from urllib.parse import urlparse
+    with _simulator(tmp_path_factory) as pair:
+        yield pair
 
-        from pyVim.connect import Disconnect, SmartConnect
 
-        proc = subprocess.Popen(
-            ["/tmp/plainvcsim/vcsim", "-ds", "2"], stdout=subprocess.PIPE, text=True
-        )
-        line = proc.stdout.readline()
-        u = urlparse(re.search(r"URL=(\S+)", line).group(1))
-        si = SmartConnect(
-            host=u.hostname, port=u.port, user="u", pwd="p", disableSslCertValidation=True
-        )
-        yield SimpleNamespace(ca_cert=False), si
-        Disconnect(si)
-        proc.terminate()
-        proc.wait()
-        return
-    with VcSim(tmp_path_factory.mktemp("vcsim")) as sim, sim.connect() as si:
+@contextlib.contextmanager
+def _simulator(tmp_path_factory, esx: bool = False):
+    """A running test bed simulator (vCenter, or ESXi with `esx`) and a session to it."""
+    from testbed.vcsim import VcSim
+
+    with VcSim(tmp_path_factory.mktemp("vcsim"), esx=esx) as sim, sim.connect() as si:
         yield sim, si
 
 
@@ -243,8 +242,8 @@ def applied(vcenter, tmp_path_factory):
     return result
 
 
-def _verify(sim):
-    return str(sim.ca_cert) if sim.ca_cert else False
+def _verify(sim) -> str:
+    return str(sim.ca_cert)
 
 
 def _http(si, sim) -> DatastoreHttp:
@@ -326,10 +325,77 @@ def test_disk_files_hold_the_synthetic_vmdk(vcenter, applied, tmp_path):
         assert _download(sim, si, "DC0", ds, flat, tmp_path / "flat").stat().st_size == 0
 
 
-def test_applying_twice_is_refused(vcenter, applied, tmp_path):
+def _export(sim, si, vm) -> list[bytes]:
+    """Every disk of a powered-off VM through ExportVm and its NFC lease."""
+    lease = vm.ExportVm()
+    deadline = time.monotonic() + 30
+    while str(lease.state) == "initializing" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert str(lease.state) == "ready", lease.error
+    out = []
+    try:
+        cookie = si._stub.cookie.split(";", 1)[0]
+        with httpx.Client(verify=sim.ssl_context(), timeout=60) as client:
+            for device in lease.info.deviceUrl:
+                url = device.url.replace("https://*/", f"https://{sim.host}:{sim.port}/")
+                resp = client.get(url, headers={"Cookie": cookie})
+                assert resp.status_code == 200, (url, resp.status_code)
+                out.append(resp.content)
+    finally:
+        lease.HttpNfcLeaseComplete()
+    return out
+
+
+def test_export_serves_the_uploaded_vmdks(vcenter, applied):
+    """What ExportVm serves for each disk is the streamOptimized VMDK put there."""
     sim, si = vcenter
+    spec = load_inventory().vm("multi-disk-efi")
+    vm = find_vm(si, "DC0", spec.folder, spec.vcenter_name)
+    exported = _export(sim, si, vm)
+    assert len(exported) == len(spec.disks)
+    for data, name in zip(exported, applied.vms["multi-disk-efi"].disk_files, strict=True):
+        ds, rel = name[1:].split("] ", 1)
+        stored = sim.datastore_path(ds) / rel
+        assert hashlib.sha256(data).digest() == hashlib.sha256(stored.read_bytes()).digest()
+
+
+def test_applying_twice_is_refused(vcenter, applied, tmp_path):
+    from pyVmomi import vim
+
+    sim, si = vcenter
+    before = len(
+        si.content.viewManager.CreateContainerView(
+            si.content.rootFolder, [vim.VirtualMachine], True
+        ).view
+    )
     with pytest.raises(InventoryError, match="VM 'debian-stopped' already exists in DC0/vm/Linux"):
         apply_inventory(si, load_inventory(), verify=_verify(sim), work_dir=tmp_path)
+    # nothing was made before the refusal
+    after = si.content.viewManager.CreateContainerView(
+        si.content.rootFolder, [vim.VirtualMachine], True
+    ).view
+    assert len(after) == before
+    assert not list(tmp_path.iterdir())
+
+
+def test_guest_image_must_fit(vcenter, applied, tmp_path):
+    sim, si = vcenter
+    data = _raw_default()
+    dc = data["datacenters"][0]
+    vm = _vm_raw(data, "debian-stopped")
+    vm.update(name="debian-other", instance_uuid="5003a1b2-0011-4c5e-8a00-000000000011")
+    vm["nics"][0]["mac"] = "00:50:56:01:00:11"
+    vm["disks"][0]["size"] = "2GiB"
+    dc["vms"], dc["folders"] = [vm], []
+    small = tmp_path / "small.vmdk"
+    images.synthetic_vmdk(small, 4 * MiB)
+    with pytest.raises(InventoryError, match="disk size 2GiB differs from the guest image's"):
+        apply_inventory(si, parse_inventory(data), guest_image=small, verify=_verify(sim))
+    flat = tmp_path / "flat.vmdk"
+    images.synthetic_vmdk(flat, 2 * GiB, "monolithicFlat", fill_bytes=0)
+    with pytest.raises(InventoryError, match="is monolithicFlat, not streamOptimized"):
+        apply_inventory(si, parse_inventory(data), guest_image=flat, verify=_verify(sim))
+    assert find_vm(si, "DC0", "Linux", "debian-other") is None
 
 
 def test_missing_infrastructure_is_created(vcenter, applied, tmp_path):
@@ -382,6 +448,20 @@ def test_missing_infrastructure_is_created(vcenter, applied, tmp_path):
     assert observe_vm(vm) == expected_vm(dc, spec)
 
 
+def test_esx_inventory(tmp_path_factory):
+    """The default VMs on a standalone ESXi host: one datacenter, no folders, no DVS."""
+    inv = for_esx(load_inventory())
+    with _simulator(tmp_path_factory, esx=True) as (sim, si):
+        work = tmp_path_factory.mktemp("esx")
+        result = apply_inventory(si, inv, verify=_verify(sim), work_dir=work / "img")
+        assert result.created == []
+        for dc, spec in inv.vms():
+            vm = find_vm(si, "ha-datacenter", "", spec.vcenter_name)
+            assert vm is not None, spec.name
+            assert observe_vm(vm) == expected_vm(dc, spec)
+            assert vm.runtime.host.name == "localhost.localdomain"
+
+
 @pytest.mark.slow
 def test_real_guest_disk_is_uploaded_as_is(vcenter, tmp_path):
     """The real Debian guest's streamOptimized VMDK lands in the datastore byte for byte."""
@@ -401,3 +481,7 @@ def test_real_guest_disk_is_uploaded_as_is(vcenter, tmp_path):
     got = _download(sim, si, "DC0", "LocalDS_0", "debian-real/debian-real.vmdk", tmp_path / "g")
     digest = hashlib.sha256(got.read_bytes()).hexdigest()
     assert digest == images.debian_guest_meta()["sha256"]
+    # and ExportVm serves exactly these bytes
+    vm = find_vm(si, "DC0", "Real", "debian-real")
+    (exported,) = _export(sim, si, vm)
+    assert hashlib.sha256(exported).hexdigest() == digest
