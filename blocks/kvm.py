@@ -81,6 +81,13 @@ class KvmHost(Block):
         default="/var/tmp/v2k",
         description="Directory on the host for conversion output and temporary files.",
     )
+    domain_type: Literal["auto", "kvm", "qemu"] = Field(
+        default="auto",
+        description=(
+            "Domain type of imported VMs: `kvm`, `qemu` (software emulation), or `auto` "
+            "(kvm when libvirt reports it for x86_64)."
+        ),
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description=(
@@ -181,11 +188,12 @@ class KvmHost(Block):
         return conn
 
     def get_libvirt_uri(self) -> str:
-        """The libvirt URI of this host: `libvirt_uri` if set, else qemu+libssh with this key.
+        """The libvirt URI of this host: `libvirt_uri` if set, else qemu+libssh2 with this key.
 
-        libvirt's libssh transport reads the key file and known_hosts named in the URI and
+        libvirt's libssh2 transport reads the key file and known_hosts named in the URI and
         refuses an unknown or changed host key (`known_hosts_verify=normal`); the plain
-        `qemu+ssh` transport would ignore both and use the worker's ~/.ssh instead.
+        `qemu+ssh` transport would ignore both and use the worker's ~/.ssh instead. (The
+        libssh transport of libvirt 9.0 hangs on replies of a few KiB.)
 
         Raises:
             KvmHostError: no URI can be derived (a key given as text, or a password).
@@ -204,7 +212,7 @@ class KvmHost(Block):
             params["known_hosts"] = self.known_hosts
         params["known_hosts_verify"] = "normal" if self.host_key_policy == "reject" else "auto"
         query = urlencode(params, safe="/")
-        return f"qemu+libssh://{quote(self.user)}@{self.address}:{self.port}/system?{query}"
+        return f"qemu+libssh2://{quote(self.user)}@{self.address}:{self.port}/system?{query}"
 
 
 class KvmCluster(Block):

@@ -171,6 +171,7 @@ def import_task(
                     "flow-run": str(flow_run.get_id() or ""),
                 },
                 on_progress=progress.bytes,
+                wanted_type=host.domain_type,
             )
         result = ImportResult(
             domain_name=dom.name(),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed, wait
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
@@ -24,7 +25,30 @@ def disk_file_name(index: int) -> str:
     return f"disk-{index}.vmdk"
 
 
-@task(name="download-disk", task_run_name="download-disk-{index}", cache_policy=NO_CACHE)
+# Exports (by run key) whose lease is gone: their queued and running downloads stop.
+_aborted: set[str] = set()
+
+
+class ExportAborted(RuntimeError):
+    """Another disk of the same export failed, so the lease is gone; not worth a retry."""
+
+
+def _retry_unless_aborted(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except ExportAborted:
+        return False
+    except Exception:  # noqa: BLE001 - other faults may pass on a second try
+        return True
+    return True
+
+
+@task(
+    name="download-disk",
+    task_run_name="download-disk-{index}",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=_retry_unless_aborted,
+)
 def download_disk(
     index: int,
     url: str,
@@ -36,11 +60,22 @@ def download_disk(
     run_key: str,
 ) -> ExportedDisk:
     """Stream one disk of the lease into the export directory, resuming a partial file."""
+
+    def check_aborted() -> None:
+        if run_key in _aborted:
+            raise ExportAborted(f"disk {index}: another disk of this export failed")
+
+    check_aborted()
     vcenter = VCenter.load(vcenter_block)
     dest = Path(directory) / disk_file_name(index)
     progress = Progress(
         artifact_key(run_key, f"disk-{index}"), f"export disk {index} ({dest.name})"
     )
+
+    def on_progress(done: int, total: int | None) -> None:
+        check_aborted()
+        progress.bytes(done, total)
+
     got = download(
         url,
         dest,
@@ -49,7 +84,7 @@ def download_disk(
         expected_size=expected_size,
         read_timeout=settings.http_timeout,
         deadline_seconds=settings.export.timeout_seconds,
-        on_progress=progress.bytes,
+        on_progress=on_progress,
     )
     if got.resumed_from:
         get_run_logger().info(
@@ -114,7 +149,16 @@ def export_vm(
                 settings=unmapped(settings),
                 run_key=unmapped(run_key),
             )
-            disks = [f.result() for f in futures]
+            try:
+                # The first failure (after its retries) ends the export: the others stop
+                # at their next progress report instead of running against a dead lease.
+                disks_by_future = {id(f): f.result() for f in as_completed(futures)}
+            except BaseException:
+                _aborted.add(run_key)
+                wait(futures)
+                _aborted.discard(run_key)
+                raise
+            disks = [disks_by_future[id(f)] for f in futures]
             files = [
                 (device_id, disk.file_name, disk.bytes)
                 for (device_id, _, _), disk in zip(urls, disks, strict=True)

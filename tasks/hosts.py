@@ -18,7 +18,7 @@ echo "nbdkit=$(v nbdkit --version)"
 echo "ovftool=$(v ovftool --version)"
 echo "qemu_img=$(v qemu-img --version)"
 if [ -d /usr/share/virtio-win ]; then echo virtio_win=1; fi
-echo "free_bytes=$(df -P -B1 -- {workdir} | awk 'NR==2 {{print $4}}')"
+echo "free_bytes=$(df -P -B1 -- {workdir} | awk 'NR==2 {print $4}')"
 """
 
 
@@ -34,7 +34,7 @@ def remote(argv: list[str], env: dict[str, str] | None = None) -> str:
 
 def probe_host(name: str, host: KvmHost, timeout: float = 60) -> HostProbe:
     """Probe one host: virt-v2v, nbdkit, ovftool, qemu-img, virtio-win, free space."""
-    script = _PROBE.format(workdir=shlex.quote(host.workdir))
+    script = _PROBE.replace("{workdir}", shlex.quote(host.workdir))
     try:
         with host.get_connection() as conn:
             result = conn.run(

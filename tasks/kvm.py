@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -31,23 +32,51 @@ def _silence_libvirt() -> None:
 _silence_libvirt()
 
 
-def open_connection(uri: str) -> libvirt.virConnect:
-    """Open a libvirt connection, with an error that names the URI (never a password)."""
+_event_loop = threading.Lock()
+_event_loop_running = False
+
+
+def _start_event_loop() -> None:
+    """libvirt's keep-alive needs an event loop; one daemon thread serves every connection."""
+    global _event_loop_running
+    with _event_loop:
+        if _event_loop_running:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_running = True
+
+
+def open_connection(uri: str, keepalive: tuple[int, int] = (5, 6)) -> libvirt.virConnect:
+    """Open a libvirt connection, with an error that names the URI (never a password).
+
+    A host that stops answering keep-alives for interval x count seconds closes the
+    connection, so a call to a dead host fails instead of hanging.
+    """
+    _start_event_loop()
     try:
-        return libvirt.open(uri)
+        conn = libvirt.open(uri)
+        if not uri.startswith("test:"):
+            conn.setKeepAlive(*keepalive)
+        return conn
     except libvirt.libvirtError as exc:
         raise KvmImportError(
             f"cannot connect to libvirt at {uri}: {exc.get_error_message()}"
         ) from None
 
 
-def domain_type(conn: libvirt.virConnect) -> str:
-    """`kvm` when the host can run KVM guests, else `qemu` (software emulation)."""
-    try:
-        caps = ET.fromstring(conn.getDomainCapabilities(None, "x86_64", None, "kvm"))
-    except libvirt.libvirtError:
-        return "qemu"
-    return "kvm" if caps.findtext("domain") == "kvm" else "qemu"
+def domain_type(conn: libvirt.virConnect, wanted: str = "auto") -> str:
+    """`kvm` or `qemu`: as the host block says, or for `auto` what libvirt offers for x86_64."""
+    if wanted != "auto":
+        return wanted
+    caps = ET.fromstring(conn.getCapabilities())
+    types = {d.get("type") for d in caps.iterfind("./guest[arch/@name='x86_64']/arch/domain")}
+    return "kvm" if "kvm" in types else "qemu"
 
 
 def domain_exists(conn: libvirt.virConnect, name: str) -> bool:
@@ -358,6 +387,7 @@ def import_disks_and_define(
     v2v_xml: str,
     source_note: dict[str, str],
     on_progress: Callable[[int, int], None] | None = None,
+    wanted_type: str = "auto",
 ) -> tuple[libvirt.virDomain, list[tuple[str, str]], str]:
     """Upload each converted disk into its pool, check it, and define the domain.
 
@@ -371,7 +401,7 @@ def import_disks_and_define(
         The domain, its (pool, volume) list, and the domain type used.
     """
     created: list[tuple[str, str]] = []
-    dom_type = domain_type(conn)
+    dom_type = domain_type(conn, wanted_type)
     try:
         for index, ((path, virtual_size), pool_name) in enumerate(zip(sources, pools, strict=True)):
             pool = lookup_pool(conn, pool_name)

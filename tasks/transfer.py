@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +15,13 @@ from pathlib import Path
 import httpx
 
 CHUNK = 1 << 20
+"""Bytes handed from the network to the writer thread at a time (and read per hash step)."""
+
+QUEUE_CHUNKS = 4
+"""Chunks waiting for the writer at most: bounds the memory of one download."""
+
+WRITEBACK = 32 << 20
+"""Every this many bytes the writer asks the kernel to write back what came before."""
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes on disk, total bytes or None) as the download goes."""
@@ -48,6 +57,71 @@ def _total_from(response: httpx.Response, offset: int) -> int | None:
     return int(length) + offset if length and length.isdigit() else None
 
 
+class _Writer:
+    """Hashes and writes the received chunks in a thread of its own.
+
+    The network loop only reads: TLS, HTTP parsing, hashing and writing then use two
+    cores instead of one. The queue holds at most `QUEUE_CHUNKS` chunks, so memory stays
+    constant whatever the disk size. Every `WRITEBACK` bytes the kernel is asked to start
+    writing the file back (and to drop what it already wrote from the page cache), so the
+    final fsync has little left to do and a big export does not fill the page cache.
+    """
+
+    def __init__(self, out, digest, position: int, name: str) -> None:
+        self._out = out
+        self._digest = digest
+        self._position = position
+        self._advised = position
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._error: BaseException | None = None
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name=f"write-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (pieces := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so the network loop never blocks on a dead writer
+            try:
+                data = b"".join(pieces)
+                self._out.write(data)
+                self._digest.update(data)
+                self.written += len(data)
+                self._position += len(data)
+                if self._position - self._advised >= WRITEBACK:
+                    self._writeback()
+            except BaseException as exc:  # noqa: BLE001 - raised in the network loop
+                self._error = exc
+
+    def _writeback(self) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        self._out.flush()
+        # Pages up to the last mark were written back since: dropped now; the pages
+        # since the last mark are dirty: their write-back starts now, without waiting.
+        start = max(0, self._advised - WRITEBACK)
+        os.posix_fadvise(self._out.fileno(), start, self._position - start, os.POSIX_FADV_DONTNEED)
+        self._advised = self._position
+
+    def put(self, pieces: list[bytes]) -> None:
+        """Queue pieces for the writer; raise its error if it failed."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(pieces)
+
+    def close(self, tail: list[bytes]) -> None:
+        """Write `tail` too, wait until everything is written and hashed, stop the thread.
+
+        Raises the writer's error, if any.
+        """
+        if tail and self._error is None:
+            self._queue.put(tail)
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def download(
     url: str,
     dest: Path,
@@ -66,6 +140,10 @@ def download(
     A file left by an earlier try is hashed first, then the rest is asked for with a
     Range request; a server that ignores Range makes the download start over. After a
     broken connection the download resumes the same way, up to `max_resumes` times.
+    Bytes received before a break are kept: a resume asks only for what is missing.
+
+    The network loop reads; a second thread hashes and writes (see `_Writer`), so a
+    download uses two cores when it can, and at most `QUEUE_CHUNKS` MiB of memory.
 
     Args:
         url: The device URL, host already filled in.
@@ -119,20 +197,37 @@ def download(
                     total = total or _total_from(response, offset)
                     mode = "ab" if offset else "wb"
                     with dest.open(mode) as out:
-                        for chunk in response.iter_raw(CHUNK):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            offset += len(chunk)
-                            progressed = True
-                            now = time.monotonic()
-                            if deadline and now > deadline:
-                                raise TimeoutError(
-                                    f"{dest.name}: deadline of {deadline_seconds:.0f} s passed "
-                                    f"at {offset} bytes"
-                                )
-                            if on_progress and now - last_report >= progress_interval:
-                                last_report = now
-                                on_progress(offset, total)
+                        writer = _Writer(out, digest, offset, dest.name)
+                        on_disk = offset
+                        pieces: list[bytes] = []
+                        pending = 0
+                        try:
+                            # The pieces as they come off the connection (a TLS record
+                            # each), handed to the writer about CHUNK bytes at a time.
+                            for piece in response.iter_raw():
+                                pieces.append(piece)
+                                pending += len(piece)
+                                now = time.monotonic()
+                                if deadline and now > deadline:
+                                    raise TimeoutError(
+                                        f"{dest.name}: deadline of {deadline_seconds:.0f} s "
+                                        f"passed at {offset + pending} bytes"
+                                    )
+                                if pending < CHUNK:
+                                    continue
+                                writer.put(pieces)
+                                offset += pending
+                                pieces, pending, progressed = [], 0, True
+                                if on_progress and now - last_report >= progress_interval:
+                                    last_report = now
+                                    on_progress(on_disk + writer.written, total)
+                        finally:
+                            # What came before a break is kept: a resume asks for the
+                            # rest only.
+                            if pieces:
+                                offset += pending
+                                progressed = True
+                            writer.close(pieces)
                         out.flush()
                         os.fsync(out.fileno())
                 if total is None:

@@ -396,8 +396,8 @@ def list_vms(si, dc: vim.Datacenter) -> list[VmSummary]:
         while folder is not None and folder._moId in parents:
             name, folder = parents[folder._moId]
             parts.append(name.replace("/", "%2f"))
-        # The last part is the datacenter's own "vm" folder.
-        return "/".join([vm_root, *reversed(parts[:-1])])
+        # The view holds the folders below the datacenter's "vm" folder, not that folder.
+        return "/".join([vm_root, *reversed(parts)])
 
     dvpg = {
         props["key"]: props["name"]

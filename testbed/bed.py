@@ -138,6 +138,8 @@ class TestBed:
                 known_hosts=str(host.known_hosts),
                 libvirt_uri=ssh_uri(host) if self.libvirtd else None,
                 workdir=str(host.workdir),
+                # This machine's /dev/kvm opens but cannot run guests (TESTBED.md).
+                domain_type="qemu",
             )
         if host_names:
             made[f"{prefix}-cluster"] = KvmCluster(

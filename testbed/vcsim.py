@@ -332,6 +332,25 @@ class VcSim:
             r.raise_for_status()
             return r.json()
 
+    def stats(self) -> dict[str, int]:
+        """Counters of export downloads since the last `reset_stats()` (see stats.go):
+        `nfc_active` and `nfc_max_active` (bodies being sent at once, now and at most),
+        `nfc_requests`, `nfc_range_requests`, `nfc_status_faults`, `nfc_bytes`,
+        `nfc_completed` and `nfc_broken` (bodies sent whole, and cut or abandoned)."""
+        return self._stats("GET", {"stats": "1"})
+
+    def reset_stats(self) -> dict[str, int]:
+        """Zero the download counters (`nfc_max_active` restarts from `nfc_active`)."""
+        return self._stats("POST", {"stats": "reset"})
+
+    def _stats(self, method: str, params: dict[str, str]) -> dict[str, int]:
+        import httpx
+
+        with httpx.Client(verify=self.ssl_context(), timeout=10) as client:
+            r = client.request(method, f"{self.base_url()}/testbed/fault", params=params)
+            r.raise_for_status()
+            return r.json()
+
     def datastore_url(self, path: str, datastore: str = "LocalDS_0") -> str:
         """URL of a file in a datastore (`/folder` access: GET, HEAD, PUT)."""
         from urllib.parse import quote, urlencode

@@ -17,3 +17,19 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def bed(tmp_path_factory):
+    """The whole test bed for the session: vcsim with the default inventory (the real
+    Debian guest on `debian-stopped`), two KVM hosts and libvirtd."""
+    from testbed.bed import TestBed
+
+    with TestBed(tmp_path_factory.mktemp("bed"), hosts=2, libvirt=True, real_guest=True) as bed:
+        yield bed
+
+
+@pytest.fixture(scope="session")
+def bed_blocks(bed, prefect_harness):
+    """The test bed's blocks saved in the Prefect test server: {kind: block name}."""
+    return bed.save_blocks("bed")

@@ -165,7 +165,7 @@ def test_second_bed_shares_the_daemon_and_cleans_up_its_own(lv, conn, tmp_path):
 def test_ssh_uri_through_kvm1_checks_host_keys(lv, hosts, tmp_path):
     h = hosts.host("kvm1")
     uri = ssh_uri(h)
-    assert uri.startswith(f"qemu+libssh://root@{h.address}:{h.port}/system?")
+    assert uri.startswith(f"qemu+libssh2://root@{h.address}:{h.port}/system?")
     assert "known_hosts_verify=normal" in uri
     remote = libvirt.open(uri)
     try:

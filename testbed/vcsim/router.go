@@ -42,7 +42,7 @@ const maxSOAPBody = 32 << 20
 
 func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
-	case r.URL.Path == faultPath:
+	case r.URL.Path == faultPath || r.URL.Path == statsPath:
 		f.faults.ServeHTTP(w, r)
 	case strings.HasPrefix(r.URL.Path, nfcPrefix) && f.exports.serve(w, r):
 		// an export lease's disk; other /nfc/ paths are the simulator's import leases

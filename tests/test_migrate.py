@@ -1,0 +1,212 @@
+"""The migrate-vm flow against the test bed: refusals, failures that leave nothing, and
+one real migration of the Debian guest, booted to its login prompt."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+import pytest
+from prefect.client.orchestration import get_client
+
+from blocks import KvmCluster, KvmHost, TemporaryStorage
+from flows.migrate import migrate_vm
+from tasks import vcenter as vc
+from tasks.hosts import HostSelectionError
+from tasks.models import MigrationRequest
+from tasks.preflight import PreflightError
+from tasks.vcenter import SourceError
+
+DUMMY_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>
+<os><type arch='x86_64'>hvm</type></os><devices>
+<interface type='network'><mac address='{mac}'/><source network='v2k-net'/></interface>
+</devices></domain>"""
+
+
+def _request(blocks: dict[str, str], vm: str, **overrides) -> MigrationRequest:
+    values = dict(
+        vcenter=blocks["vcenter"],
+        vm=vm,
+        cluster=blocks["cluster"],
+        temporary_storage=blocks["scratch"],
+        settings=blocks["settings"],
+    )
+    values.update(overrides)
+    return MigrationRequest(**values)
+
+
+def _state(bed) -> dict:
+    """What a run could leave behind: domains, volumes, scratch files, vCenter VMs."""
+    conn = bed.libvirtd.conn
+    pool = conn.storagePoolLookupByName(bed.libvirtd.pool)
+    pool.refresh()
+    with bed.vcsim.connect() as si:
+        vms = vc.list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
+    return {
+        "domains": sorted(d.name() for d in conn.listAllDomains()),
+        "volumes": sorted(pool.listVolumes()),
+        "scratch": sorted(str(p) for p in Path(bed.scratch).rglob("*")),
+        "vms": sorted((v.path, v.power_state, v.disk_bytes) for v in vms),
+    }
+
+
+@pytest.fixture()
+def unchanged(bed):
+    """Asserts that the test leaves the test bed as it found it (list it before fixtures
+    that make things for the test, so it is checked after they are gone)."""
+    before = _state(bed)
+    yield
+    assert _state(bed) == before
+
+
+@pytest.fixture()
+def dummy_domain(bed):
+    """A domain on the destination holding a name and a MAC, removed afterwards."""
+    made = []
+
+    def define(name: str, mac: str = "52:54:00:aa:bb:cc") -> str:
+        bed.libvirtd.conn.defineXML(DUMMY_XML.format(name=name, mac=mac))
+        made.append(name)
+        return name
+
+    yield define
+    for name in made:
+        bed.libvirtd.conn.lookupByName(name).undefine()
+
+
+def _save(block, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    block.save(name)
+    return name
+
+
+def test_vm_not_found(bed_blocks, unchanged):
+    with pytest.raises(SourceError, match="no VM named 'no-such-vm'"):
+        migrate_vm(_request(bed_blocks, "no-such-vm"))
+
+
+def test_powered_on_vm_refused(bed_blocks, unchanged):
+    with pytest.raises(PreflightError, match="poweredOn.*shut the VM down"):
+        migrate_vm(_request(bed_blocks, "debian-running"))
+
+
+def test_independent_disk_refused(bed_blocks, unchanged):
+    with pytest.raises(PreflightError, match="independent_persistent.*dependent"):
+        migrate_vm(_request(bed_blocks, "independent-disk"))
+
+
+def test_ambiguous_name_lists_paths(bed, bed_blocks):
+    with bed.vcsim.connect() as si:
+        dc = vc.datacenter(si, bed.vcsim.datacenter)
+        source = vc.find_vm(si, dc, "win2019-stopped")
+        folder = dc.vmFolder
+        spec = vc.vim.vm.ConfigSpec(
+            name="win2019-stopped",
+            guestId="otherGuest64",
+            files=vc.vim.vm.FileInfo(vmPathName="[LocalDS_0] dup/dup.vmx"),
+        )
+        pool = source.resourcePool
+        twin = vc.wait_for_task(folder.CreateVM_Task(config=spec, pool=pool), 60)
+        try:
+            with pytest.raises(SourceError, match="2 VMs are named 'win2019-stopped'.*Windows"):
+                migrate_vm(_request(bed_blocks, "win2019-stopped"))
+        finally:
+            vc.wait_for_task(twin.Destroy_Task(), 60)
+
+
+def test_target_name_taken_refused(bed_blocks, unchanged, dummy_domain):
+    taken = dummy_domain("taken-name")
+    with pytest.raises(PreflightError, match="'taken-name' is already defined"):
+        migrate_vm(_request(bed_blocks, "win2019-stopped", target_name=taken))
+
+
+def test_mac_in_use_refused(bed_blocks, unchanged, dummy_domain):
+    dummy_domain("mac-holder", mac="00:50:56:01:00:04")
+    with pytest.raises(PreflightError, match="MAC 00:50:56:01:00:04.*'mac-holder'"):
+        migrate_vm(_request(bed_blocks, "win2019-stopped"))
+
+
+def test_unmapped_portgroup_refused(bed, bed_blocks, unchanged):
+    cluster = KvmCluster.load(bed_blocks["cluster"]).model_copy(update={"network_map": {}})
+    name = _save(KvmCluster(hosts=cluster.hosts, storage_pool=cluster.storage_pool), "nomap")
+    with pytest.raises(PreflightError, match="port group 'VM Network'.*network_map"):
+        migrate_vm(_request(bed_blocks, "win2019-stopped", cluster=name))
+
+
+def test_temporary_space_refused(bed, bed_blocks, unchanged):
+    name = _save(TemporaryStorage(worker_path=str(bed.scratch), reserve_bytes=1 << 60), "full")
+    with pytest.raises(PreflightError, match="temporary storage .* bytes free"):
+        migrate_vm(_request(bed_blocks, "win2019-stopped", temporary_storage=name))
+
+
+def test_named_host_must_exist_and_be_able(bed, bed_blocks, unchanged):
+    with pytest.raises(HostSelectionError, match="'nope' is not a host of the cluster"):
+        migrate_vm(_request(bed_blocks, "win2019-stopped", convert_host="nope"))
+
+    real = KvmHost.load(bed_blocks["kvm1"])
+    dead = _save(real.model_copy(update={"port": 1, "libvirt_uri": None}), "dead")
+    cluster = KvmCluster.load(bed_blocks["cluster"])
+    name = _save(
+        KvmCluster(
+            hosts=[dead], storage_pool=cluster.storage_pool, network_map=cluster.network_map
+        ),
+        "deadcluster",
+    )
+    with pytest.raises(HostSelectionError, match="no host of the cluster can convert.*unreachable"):
+        migrate_vm(_request(bed_blocks, "win2019-stopped", cluster=name))
+
+
+def test_failed_conversion_leaves_nothing(bed_blocks, unchanged):
+    # A synthetic disk holds no OS: the real virt-v2v fails in inspection, after the export.
+    with pytest.raises(Exception, match="virt-v2v exited 1: inspection could not detect"):
+        migrate_vm(_request(bed_blocks, "Prod/Web/web server 01"))
+
+
+@pytest.mark.slow
+def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged):
+    result = migrate_vm(_request(bed_blocks, "debian-stopped", verify_boot=True))
+    conn = bed.libvirtd.conn
+    try:
+        dom = conn.lookupByName(result.domain_name)
+        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        assert result.domain_name == "debian-stopped"
+        assert dom.UUIDString() == result.domain_uuid
+        assert root.get("type") == "qemu"
+        assert root.findtext("vcpu") == "1"
+        assert int(root.findtext("memory")) == 1024 * 1024  # KiB
+        assert [m.get("address") for m in root.iterfind("devices/interface/mac")] == [
+            "00:50:56:01:00:01"
+        ]
+        assert [s.get("network") for s in root.iterfind("devices/interface/source")] == ["v2k-net"]
+        disks = list(root.iterfind("devices/disk[@device='disk']"))
+        assert len(disks) == 1 and disks[0].find("target").get("dev") == "vda"
+        assert "debian" in (result.osinfo or "")
+        assert result.booted is True
+        volume = conn.storagePoolLookupByName(bed.libvirtd.pool).storageVolLookupByName(
+            "debian-stopped-disk0.qcow2"
+        )
+        check = subprocess.run(
+            ["qemu-img", "check", "-f", "qcow2", volume.path()], capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert volume.info()[1] == 1 << 30  # virtual size of the source disk
+        assert [s.name for s in result.stages] == [
+            "preflight",
+            "select_hosts",
+            "export",
+            "convert",
+            "import",
+            "verify",
+        ]
+        assert len(result.checksums) == 1
+        with get_client(sync_client=True) as client:
+            artifact = client.read_latest_artifacts(key=f"migration-{result.source_moref}")
+        assert artifact and "debian-stopped" in str(artifact)
+    finally:
+        from tasks import kvm
+
+        kvm.remove_domain(conn, result.domain_name)
+        kvm.remove_volumes(conn, [(bed.libvirtd.pool, "debian-stopped-disk0.qcow2")])

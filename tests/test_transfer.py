@@ -1,0 +1,265 @@
+"""tasks.transfer.download against the test bed's vCenter: exact bytes, resume with Range
+after a cut connection and from a partial file, and clear errors when it cannot finish.
+
+The server's download counters (VcSim.stats) show what went over the wire."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pyVmomi import vim
+
+from tasks.transfer import Downloaded, TransferError, download
+from testbed.images import sha256_file
+from testbed.inventory import apply_inventory, parse_inventory
+from testbed.vcsim import VcSim
+
+MiB = 1 << 20
+VM = "xfer-vm"
+
+INVENTORY = {
+    "version": 1,
+    "datacenters": [
+        {
+            "name": "DC0",
+            "clusters": [{"name": "DC0_C0", "hosts": ["DC0_C0_H0", "DC0_C0_H1"]}],
+            "datastores": [{"name": "LocalDS_0"}],
+            "vms": [
+                {
+                    "name": VM,
+                    "guest_id": "debian12_64Guest",
+                    "instance_uuid": "5003a1b2-7777-4c5e-8a00-000000000001",
+                    # 8 MiB of random bytes: the streamOptimized VMDK is a bit larger.
+                    "disks": [{"size": "8MiB", "fill": "8MiB", "datastore": "LocalDS_0"}],
+                }
+            ],
+        }
+    ],
+}
+
+
+class Disk:
+    """The VM's disk file as the datastore holds it."""
+
+    def __init__(self, moref: str, path: Path) -> None:
+        self.moref = moref
+        self.path = path
+        self.data = path.read_bytes()
+        self.size = len(self.data)
+        self.sha256 = sha256_file(path)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory):
+    with VcSim(tmp_path_factory.mktemp("vcsim-transfer")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def si(sim: VcSim):
+    with sim.connect() as si:
+        yield si
+
+
+@pytest.fixture(scope="module")
+def disk(sim: VcSim, si, tmp_path_factory: pytest.TempPathFactory) -> Disk:
+    work = tmp_path_factory.mktemp("transfer-images")
+    applied = apply_inventory(
+        si, parse_inventory(INVENTORY), verify=str(sim.ca_cert), work_dir=work
+    ).vms[VM]
+    (file_name,) = applied.disk_files
+    datastore, _, rel = file_name.partition("] ")
+    assert datastore == "[LocalDS_0"
+    found = Disk(applied.moref, sim.datastore_path("LocalDS_0") / rel)
+    assert found.size > 8 * MiB
+    return found
+
+
+@pytest.fixture
+def url(sim: VcSim, si, disk: Disk):
+    """The device URL of a fresh export lease on the VM; no faults armed, stats zeroed."""
+    lease = vim.VirtualMachine(disk.moref, si._stub).ExportVm()
+    assert lease.state == "ready"
+    (device,) = lease.info.deviceUrl
+    assert device.fileSize == disk.size
+    sim.fault(clear=1)
+    sim.reset_stats()
+    yield device.url.replace("*", f"{sim.host}:{sim.port}", 1)
+    sim.fault(clear=1)
+    if lease.state == "ready":
+        lease.HttpNfcLeaseComplete()
+
+
+def fetch(sim: VcSim, url: str, dest: Path, **kwargs) -> Downloaded:
+    return download(url, dest, ssl_context=sim.ssl_context(), read_timeout=10, **kwargs)
+
+
+def test_download_gets_the_exact_bytes(sim: VcSim, disk: Disk, url: str, tmp_path: Path):
+    reports: list[tuple[int, int | None]] = []
+    dest = tmp_path / "disk-0.vmdk"
+    got = fetch(
+        sim,
+        url,
+        dest,
+        expected_size=disk.size,
+        on_progress=lambda done, total: reports.append((done, total)),
+    )
+    assert got.bytes == disk.size
+    assert got.sha256 == disk.sha256 == sha256_file(dest)
+    assert got.resumed_from == 0 and got.resumes == 0
+    assert reports[-1] == (disk.size, disk.size)
+    stats = sim.stats()
+    assert stats["nfc_requests"] == 1 and stats["nfc_range_requests"] == 0
+    assert stats["nfc_bytes"] == disk.size
+    assert stats["nfc_completed"] == 1 and stats["nfc_active"] == 0
+
+
+def test_download_without_expected_size_trusts_the_server(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    got = fetch(sim, url, tmp_path / "disk-0.vmdk")
+    assert (got.bytes, got.sha256) == (disk.size, disk.sha256)
+
+
+def test_a_cut_connection_resumes_with_range_from_the_bytes_on_disk(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    sim.fault(nfc_cut_after=3 * MiB, times=2)
+    dest = tmp_path / "disk-0.vmdk"
+    got = fetch(sim, url, dest, expected_size=disk.size)
+    assert got.resumes == 2
+    assert got.resumed_from == 0
+    assert got.bytes == disk.size
+    assert got.sha256 == disk.sha256 == sha256_file(dest)
+    stats = sim.stats()
+    # Two cut requests and the rest: each resume asked only for the missing bytes.
+    assert stats["nfc_requests"] == 3 and stats["nfc_range_requests"] == 2
+    assert stats["nfc_broken"] == 2 and stats["nfc_completed"] == 1
+    assert stats["nfc_bytes"] == disk.size
+
+
+def test_a_partial_file_from_an_earlier_try_is_continued(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    dest = tmp_path / "disk-0.vmdk"
+    partial = MiB + 12345
+    dest.write_bytes(disk.data[:partial])
+    got = fetch(sim, url, dest, expected_size=disk.size)
+    assert got.resumed_from == partial
+    assert got.resumes == 0
+    assert got.bytes == disk.size
+    # The hash covers the bytes that were already there too.
+    assert got.sha256 == disk.sha256 == sha256_file(dest)
+    stats = sim.stats()
+    assert stats["nfc_requests"] == 1 and stats["nfc_range_requests"] == 1
+    assert stats["nfc_bytes"] == disk.size - partial
+
+
+def test_a_whole_file_on_disk_is_not_downloaded_again(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    dest = tmp_path / "disk-0.vmdk"
+    dest.write_bytes(disk.data)
+    got = fetch(sim, url, dest, expected_size=disk.size)
+    assert (got.bytes, got.sha256, got.resumed_from) == (disk.size, disk.sha256, disk.size)
+    assert sim.stats()["nfc_requests"] == 0
+
+
+def test_a_server_that_keeps_breaking_the_connection_gives_transfer_error(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    # Every request breaks before the first body byte: no progress at all.
+    sim.fault(nfc_cut_after=0, times=100)
+    dest = tmp_path / "disk-0.vmdk"
+    with pytest.raises(TransferError) as err:
+        fetch(sim, url, dest, expected_size=disk.size, max_resumes=2)
+    message = str(err.value)
+    assert message.startswith("disk-0.vmdk: gave up after 2 broken connections")
+    assert f"at 0 of {disk.size} bytes" in message
+    # One try and two resumes.
+    assert sim.stats()["nfc_requests"] == 3
+
+
+def test_progress_between_breaks_keeps_the_download_going(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    # More breaks than max_resumes, but each one after progress: the download finishes.
+    sim.fault(nfc_cut_after=2 * MiB, times=4)
+    got = fetch(sim, url, tmp_path / "disk-0.vmdk", expected_size=disk.size, max_resumes=1)
+    assert got.resumes == 4
+    assert got.sha256 == disk.sha256
+
+
+def test_a_server_error_gives_transfer_error_naming_the_status(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    sim.fault(nfc_status=503, times=1)
+    dest = tmp_path / "disk-0.vmdk"
+    with pytest.raises(TransferError, match=r"server answered 503 Service Unavailable"):
+        fetch(sim, url, dest, expected_size=disk.size)
+    assert not dest.exists()
+    assert sim.stats()["nfc_status_faults"] == 1
+
+
+def test_a_404_url_gives_transfer_error_naming_the_status(sim: VcSim, tmp_path: Path):
+    gone = f"{sim.base_url()}/nfc/52000000-0000-0000-0000-000000000000/disk-0.vmdk?ticket=x"
+    dest = tmp_path / "disk-0.vmdk"
+    with pytest.raises(TransferError) as err:
+        fetch(sim, gone, dest)
+    message = str(err.value)
+    assert "server answered 404 Not Found" in message
+    assert "/nfc/52000000-0000-0000-0000-000000000000/disk-0.vmdk" in message
+    assert "ticket" not in message  # the query string may carry a secret
+    assert not dest.exists()
+
+
+def test_a_smaller_expected_size_gives_transfer_error(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    dest = tmp_path / "disk-0.vmdk"
+    with pytest.raises(TransferError, match=rf"more than the {disk.size - 1000} expected"):
+        fetch(sim, url, dest, expected_size=disk.size - 1000)
+
+
+def test_a_larger_expected_size_gives_transfer_error(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    dest = tmp_path / "disk-0.vmdk"
+    with pytest.raises(TransferError, match=rf"got {disk.size} bytes, expected {disk.size + 1000}"):
+        fetch(sim, url, dest, expected_size=disk.size + 1000)
+
+
+def test_the_deadline_stops_a_slow_download(sim: VcSim, disk: Disk, url: str, tmp_path: Path):
+    sim.fault(nfc_rate_kbps=1024, times=1)  # 8 MiB at 1 MiB/s: 8 s
+    with pytest.raises(TimeoutError, match="deadline of 1 s passed"):
+        fetch(sim, url, tmp_path / "disk-0.vmdk", deadline_seconds=1)
+
+
+def test_the_rate_fault_throttles_and_counts_the_download_as_active(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    import threading
+    import time
+
+    sim.fault(nfc_rate_kbps=16 * 1024, times=1)  # about half a second
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(sim.stats()["nfc_active"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        got = fetch(sim, url, tmp_path / "disk-0.vmdk", expected_size=disk.size)
+    finally:
+        done.set()
+        watcher.join()
+    assert got.sha256 == disk.sha256
+    assert got.seconds >= disk.size / (16 * MiB) * 0.9
+    assert 1 in seen
+    stats = sim.stats()
+    assert stats["nfc_active"] == 0 and stats["nfc_max_active"] == 1
