@@ -7,19 +7,28 @@ that point at them, so a flow run in the test bed uses exactly what a user would
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from testbed.inventory import DEFAULT_INVENTORY, apply_inventory, load_inventory
+from testbed.inventory import DEFAULT_INVENTORY, apply_inventory, for_esx, load_inventory
 from testbed.kvmhosts import KvmHosts
 from testbed.libvirtd import Libvirtd, ssh_uri
 from testbed.vcsim import VcSim
 
 log = logging.getLogger("testbed")
 
-# Port groups of the default inventory and the libvirt networks they land on.
-NETWORK_MAP = {"VM Network": "network:v2k-net", "DC0_DVPG0": "network:v2k-net2"}
+# Port groups of the default inventory, in the order of the libvirt networks they land on.
+PORTGROUPS = ["VM Network", "DC0_DVPG0"]
+
+
+def default_slot() -> int:
+    """Which of the side-by-side test beds this is: `V2K_TESTBED_SLOT`, default 0."""
+    slot = int(os.environ.get("V2K_TESTBED_SLOT", "0"))
+    if not 0 <= slot <= 4:
+        raise ValueError(f"V2K_TESTBED_SLOT={slot}: use 0 to 4")
+    return slot
 
 
 class TestBed:
@@ -33,6 +42,8 @@ class TestBed:
         real_guest: Put the real Debian guest image where the inventory asks for it
             (built once, cached); False puts synthetic disks there (fast tests).
         esx: A standalone ESXi host instead of vCenter.
+        slot: 0 to 4; test beds in different slots use different namespaces, addresses
+            and libvirt names, so they can run at once on one machine.
     """
 
     __test__ = False  # not a pytest test class
@@ -46,13 +57,30 @@ class TestBed:
         inventory: Path | None = DEFAULT_INVENTORY,
         real_guest: bool = False,
         esx: bool = False,
+        slot: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.slot = default_slot() if slot is None else slot
+        prefix = f"v2k{self.slot}-" if self.slot else "v2k-"
         self.vcsim = VcSim(self.workdir / "vcsim", esx=esx)
-        self.hosts = KvmHosts(self.workdir / "hosts", count=hosts) if hosts else None
-        self.libvirtd = Libvirtd(self.workdir / "libvirt") if libvirt else None
+        self.hosts = (
+            KvmHosts(
+                self.workdir / "hosts",
+                count=hosts,
+                netns_prefix=prefix,
+                subnet=f"10.{250 - self.slot}",
+            )
+            if hosts
+            else None
+        )
+        self.libvirtd = (
+            Libvirtd(self.workdir / "libvirt", prefix=prefix, ip_prefix=f"10.{251 + self.slot}")
+            if libvirt
+            else None
+        )
         self.inventory_path = inventory
         self.real_guest = real_guest
+        self.esx = esx
         self.scratch = self.workdir / "scratch"
         self.applied = None
 
@@ -72,10 +100,13 @@ class TestBed:
             self.scratch.mkdir(parents=True, exist_ok=True)
             self.vcsim.start()
             if self.inventory_path is not None:
+                inventory = load_inventory(self.inventory_path)
+                if self.esx:
+                    inventory = for_esx(inventory)
                 with self.vcsim.connect() as si:
                     self.applied = apply_inventory(
                         si,
-                        load_inventory(self.inventory_path),
+                        inventory,
                         guest_image=guest,
                         verify=str(self.vcsim.ca_cert),
                         datastore_root=self.workdir / "datastores",
@@ -145,7 +176,12 @@ class TestBed:
             made[f"{prefix}-cluster"] = KvmCluster(
                 hosts=host_names,
                 storage_pool=self.libvirtd.pool if self.libvirtd else "default",
-                network_map=NETWORK_MAP,
+                network_map={
+                    portgroup: f"network:{network}"
+                    for portgroup, network in zip(PORTGROUPS, self.libvirtd.networks, strict=False)
+                }
+                if self.libvirtd
+                else {},
             )
         return made
 

@@ -139,6 +139,8 @@ class KvmHosts:
         use_netns: bool | None = None,
         env: dict[str, str] | None = None,
         start_timeout: float = 15.0,
+        netns_prefix: str = NETNS_PREFIX,
+        subnet: str = SUBNET,
     ) -> None:
         if not 1 <= count <= 250:
             raise ValueError("count must be between 1 and 250")
@@ -147,6 +149,9 @@ class KvmHosts:
         self.use_netns = use_netns
         self.env = dict(DEFAULT_HOST_ENV if env is None else env)
         self.start_timeout = start_timeout
+        # Another prefix and subnet let two test beds run side by side on one machine.
+        self.netns_prefix = netns_prefix
+        self.subnet = subnet
         self.key_path = self.workdir / "client_ed25519"
         self.known_hosts = self.workdir / "known_hosts"
         self.hosts: list[HostInfo] = []
@@ -253,7 +258,7 @@ class KvmHosts:
             if netns:
                 if i > 1:
                     self._make_netns(i)
-                address, port, ns = f"{SUBNET}.{i}.2", 22, f"{NETNS_PREFIX}{name}"
+                address, port, ns = f"{self.subnet}.{i}.2", 22, f"{self.netns_prefix}{name}"
             else:
                 address, port, ns = "127.0.0.1", _free_port(), None
             self.hosts.append(
@@ -279,7 +284,7 @@ class KvmHosts:
         log.info("%d KVM hosts up in %.2f s", self.count, time.monotonic() - t0)
 
     def _make_netns(self, i: int) -> None:
-        ns = f"{NETNS_PREFIX}kvm{i}"
+        ns = f"{self.netns_prefix}kvm{i}"
         veth = ns  # the root side of the pair is named like the namespace
         if _netns_exists(ns) or _link_exists(veth):
             log.info("removing %s left over from an earlier run", ns)
@@ -287,9 +292,9 @@ class KvmHosts:
         _run(["ip", "netns", "add", ns])
         self._netns_made.append(ns)
         _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-        _run(["ip", "addr", "add", f"{SUBNET}.{i}.1/24", "dev", veth])
+        _run(["ip", "addr", "add", f"{self.subnet}.{i}.1/24", "dev", veth])
         _run(["ip", "link", "set", veth, "up"])
-        _run(["ip", "-n", ns, "addr", "add", f"{SUBNET}.{i}.2/24", "dev", "eth0"])
+        _run(["ip", "-n", ns, "addr", "add", f"{self.subnet}.{i}.2/24", "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
 

@@ -22,10 +22,15 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def bed(tmp_path_factory):
     """The whole test bed for the session: vcsim with the default inventory (the real
-    Debian guest on `debian-stopped`), two KVM hosts and libvirtd."""
+    Debian guest on `debian-stopped`), two KVM hosts and libvirtd.
+
+    It lives in slot 1, so the test bed tests that start their own parts in slot 0 can
+    run while it is up.
+    """
     from testbed.bed import TestBed
 
-    with TestBed(tmp_path_factory.mktemp("bed"), hosts=2, libvirt=True, real_guest=True) as bed:
+    workdir = tmp_path_factory.mktemp("bed")
+    with TestBed(workdir, hosts=2, libvirt=True, real_guest=True, slot=1) as bed:
         yield bed
 
 

@@ -22,7 +22,7 @@ from tasks.vcenter import SourceError
 
 DUMMY_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>
 <os><type arch='x86_64'>hvm</type></os><devices>
-<interface type='network'><mac address='{mac}'/><source network='v2k-net'/></interface>
+<interface type='network'><mac address='{mac}'/><source network='{network}'/></interface>
 </devices></domain>"""
 
 
@@ -68,7 +68,8 @@ def dummy_domain(bed):
     made = []
 
     def define(name: str, mac: str = "52:54:00:aa:bb:cc") -> str:
-        bed.libvirtd.conn.defineXML(DUMMY_XML.format(name=name, mac=mac))
+        xml = DUMMY_XML.format(name=name, mac=mac, network=bed.libvirtd.networks[0])
+        bed.libvirtd.conn.defineXML(xml)
         made.append(name)
         return name
 
@@ -180,7 +181,8 @@ def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged):
         assert [m.get("address") for m in root.iterfind("devices/interface/mac")] == [
             "00:50:56:01:00:01"
         ]
-        assert [s.get("network") for s in root.iterfind("devices/interface/source")] == ["v2k-net"]
+        networks = [s.get("network") for s in root.iterfind("devices/interface/source")]
+        assert networks == [bed.libvirtd.networks[0]]
         disks = list(root.iterfind("devices/disk[@device='disk']"))
         assert len(disks) == 1 and disks[0].find("target").get("dev") == "vda"
         assert "debian" in (result.osinfo or "")
