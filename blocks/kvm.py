@@ -81,6 +81,13 @@ class KvmHost(Block):
         default="/var/tmp/v2k",
         description="Directory on the host for conversion output and temporary files.",
     )
+    virtio_win: str = Field(
+        default="/usr/share/virtio-win",
+        description=(
+            "Path of the virtio-win drivers (directory or ISO) on the host; virt-v2v needs "
+            "them to convert Windows guests."
+        ),
+    )
     domain_type: Literal["auto", "kvm", "qemu"] = Field(
         default="auto",
         description=(

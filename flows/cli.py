@@ -9,8 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tasks.progress import human_bytes
-
 app = typer.Typer(
     help="v2k moves virtual machines from VMware vCenter/ESXi to KVM hosts.",
     no_args_is_help=True,
@@ -20,36 +18,48 @@ console = Console(stderr=True)
 
 @app.command()
 def inventory(
-    vcenter: str = typer.Option(..., help="Name of the saved VCenter block."),
-    name: str = typer.Option("*", help="Only VMs whose name matches this glob."),
+    vcenter: str = typer.Option(..., help="Name of the saved VCenter block (vCenter or ESXi)."),
+    name: str = typer.Option("*", help="Only VMs whose name matches this glob (any case)."),
+    folder: str | None = typer.Option(
+        None, help="Only VMs in this folder and below: Prod/Web or /DC0/vm/Prod."
+    ),
     power_state: str | None = typer.Option(None, help="poweredOn, poweredOff or suspended."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List every VM with power state, guest OS, CPU, memory, disks and NICs.
+    """List every VM with power state, guest OS, CPU, memory, disks, NICs, firmware,
+    snapshots and VMware Tools state.
 
-    Example: v2k inventory --vcenter prod-vc --name 'web-*' --power-state poweredOff
+    Example: v2k inventory --vcenter prod-vc --folder Prod --name 'web-*' --power-state poweredOff
     """
     from blocks import VCenter
+    from blocks.vcenter import VCenterError
     from flows.inventory import read_inventory
+    from tasks.inventory import COLUMNS, check_power_state, table_rows
+    from tasks.vcenter import SourceError
 
-    vms = read_inventory(VCenter.load(vcenter), name, power_state)
+    try:
+        check_power_state(power_state)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--power-state") from None
+    try:
+        block = VCenter.load(vcenter)
+    except ValueError as exc:
+        console.print(f"[red]no VCenter block {vcenter!r}:[/red] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        vms = read_inventory(block, name, power_state, folder)
+    except (VCenterError, SourceError) as exc:
+        console.print(f"[red]inventory failed:[/red] {exc}")
+        raise typer.Exit(1) from None
     if as_json:
         json.dump([vm.model_dump(mode="json") for vm in vms], sys.stdout, indent=2)
         print()
         return
     table = Table(title=f"{len(vms)} VM(s) in {vcenter}")
-    for column in ("path", "power", "guest", "vCPU", "memory", "disks", "NICs"):
-        table.add_column(column)
-    for vm in vms:
-        table.add_row(
-            vm.path,
-            vm.power_state,
-            vm.guest_id or "?",
-            str(vm.num_cpu),
-            f"{vm.memory_mb} MiB",
-            f"{vm.disks} ({human_bytes(vm.disk_bytes)})",
-            ", ".join(vm.nics),
-        )
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in table_rows(vms):
+        table.add_row(*(row[c] for c in COLUMNS))
     Console().print(table)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -10,10 +11,18 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from blocks import KvmCluster, KvmHost, KvmHostError, MigrationSettings, TemporaryStorage
+from blocks import (
+    KvmCluster,
+    KvmHost,
+    KvmHostError,
+    MigrationSettings,
+    TemporaryStorage,
+    VCenter,
+)
 from blocks.vcenter import VCenterError
 from tasks import kvm
-from tasks.cleanup import Rollback, remove_tree
+from tasks import vcenter as vc
+from tasks.cleanup import remove_tree
 from tasks.convert import convert_vm
 from tasks.export import run_export
 from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
@@ -30,6 +39,7 @@ from tasks.models import (
 )
 from tasks.preflight import Preflight, PreflightError, preflight
 from tasks.progress import Progress, artifact_key
+from tasks.source import clone_for_export, clone_name, remove_clones
 from tasks.vcenter import SourceError
 
 # Errors a retry cannot fix: the user has to change something first.
@@ -209,16 +219,73 @@ def verify_task(host_name: str, domain: str, timeout: float) -> bool:
     return True
 
 
-def _undo_import(host_name: str, imported: ImportResult):
-    def undo() -> None:
-        conn = kvm.open_connection(KvmHost.load(host_name).get_libvirt_uri())
+@task(name="prepare-source", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+def prepare_source_task(request: MigrationRequest, spec: VmSpec, run_id: str) -> VmSpec:
+    """Clone a running VM, powered off, and hand back the clone's spec for the export."""
+    logger = get_run_logger()
+    logger.warning(
+        "%s is running: exporting a powered-off clone, which is crash-consistent", spec.name
+    )
+    vcenter = VCenter.load(request.vcenter)
+    name = clone_name(run_id)
+    with vcenter.connect() as si:
+        dc = vc.datacenter(si, vcenter.datacenter)
+        vm = vc.find_vm(si, dc, spec.moref)
         try:
-            kvm.remove_domain(conn, imported.domain_name)
-            kvm.remove_volumes(conn, [tuple(v.split("/", 1)) for v in imported.volumes])
+            clone = clone_for_export(si, vm, name, timeout=3600)
+        except BaseException:
+            remove_clones(si, dc, name)
+            raise
+        logger.info("cloned %s to %s (%s)", spec.name, name, clone._moId)
+        return vc.read_spec(si, clone)
+
+
+def cleanup_run(request: MigrationRequest, run_id: str, flow_run_id: str, failed: bool) -> None:
+    """Remove what a run left: its clone and temporary files, and after a failure the
+    domains (with their volumes) that it defined. Safe to call more than once.
+
+    The flow calls it when it ends; the cancellation and crash hooks call it too.
+    """
+    logger = get_run_logger()
+    vcenter = VCenter.load(request.vcenter)
+    try:
+        with vcenter.connect() as si:
+            removed = remove_clones(si, vc.datacenter(si, vcenter.datacenter), clone_name(run_id))
+        for moref in removed:
+            logger.info("removed the clone %s (%s)", clone_name(run_id), moref)
+    except Exception as exc:  # noqa: BLE001 - go on with the rest, then report
+        logger.error("could not remove clone %s: %s", clone_name(run_id), exc)
+    storage = TemporaryStorage.load(request.temporary_storage)
+    remove_tree(Path(storage.worker_path) / f"v2k-{run_id}", Path(storage.worker_path))
+    if not failed:
+        return
+    seen: set[str] = set()
+    for name, host in KvmCluster.load(request.cluster).load_hosts().items():
+        try:
+            uri = host.get_libvirt_uri()
+            if uri in seen:
+                continue
+            seen.add(uri)
+            conn = kvm.open_connection(uri)
+        except Exception as exc:  # noqa: BLE001 - an unreachable host had no domain of ours
+            logger.info("cleanup: host %s not reachable: %s", name, exc)
+            continue
+        try:
+            for domain in kvm.run_domains(conn, flow_run_id):
+                kvm.remove_domain_and_volumes(conn, domain)
+                logger.info("rolled back: domain %s and its volumes on %s", domain, name)
         finally:
             conn.close()
 
-    return undo
+
+def _cleanup_hook(flow, flow_run, state) -> None:
+    """on_cancellation / on_crashed: the same cleanup as a failure inside the flow."""
+    request = MigrationRequest.model_validate(flow_run.parameters["request"])
+    cleanup_run(request, _run_id(str(flow_run.id)), str(flow_run.id), failed=True)
+
+
+def _run_id(flow_run_id: str) -> str:
+    return flow_run_id.replace("-", "")[:12]
 
 
 def _summary(result: MigrationResult) -> str:
@@ -246,7 +313,12 @@ def _summary(result: MigrationResult) -> str:
 """
 
 
-@flow(name="migrate-vm", flow_run_name="migrate-{request.vm}")
+@flow(
+    name="migrate-vm",
+    flow_run_name="migrate-{request.vm}",
+    on_cancellation=[_cleanup_hook],
+    on_crashed=[_cleanup_hook],
+)
 def migrate_vm(request: MigrationRequest) -> MigrationResult:
     """Migrate one VM: preflight, hosts, export, virt-v2v, libvirt import, boot check.
 
@@ -277,14 +349,21 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
         lambda: _staged(select_hosts_task, settings, "select_hosts")(request, spec),
         lambda r: "; ".join(r.reasons),
     )
-    run_id = str(flow_run.get_id() or time.time_ns())[:8]
+    flow_run_id = str(flow_run.get_id() or uuid.uuid4())
+    run_id = _run_id(flow_run_id)
     run_key = artifact_key(spec.moref, run_id)
-    run_dir = Path(storage.worker_path) / f"v2k-{spec.moref}-{run_id}"
-    undo = Rollback()
+    run_dir = Path(storage.worker_path) / f"v2k-{run_id}"
     try:
+        source = spec
+        if spec.power_state == "poweredOn":
+            source = timed(
+                "prepare_source",
+                lambda: _staged(prepare_source_task, settings, "export")(request, spec, run_id),
+                lambda r: f"clone {r.name} ({r.moref})",
+            )
         exported = timed(
             "export",
-            lambda: run_export(request.vcenter, spec, run_dir / "export", settings, run_key),
+            lambda: run_export(request.vcenter, source, run_dir / "export", settings, run_key),
             lambda r: f"{sum(d.bytes for d in r.disks)} bytes in {len(r.disks)} disk(s)",
         )
         converted = timed(
@@ -308,7 +387,6 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
             ),
             lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
         )
-        undo.push(f"domain {imported.domain_name}", _undo_import(choice.import_, imported))
         booted = None
         if request.verify_boot:
             booted = timed(
@@ -319,11 +397,10 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
                 lambda r: "login prompt seen",
             )
     except BaseException:
-        logger.error("migration of %s failed; rolling back", spec.name)
-        undo.run(logger)
+        logger.error("migration of %s failed; cleaning up", spec.name)
+        cleanup_run(request, run_id, flow_run_id, failed=True)
         raise
-    finally:
-        remove_tree(run_dir, Path(storage.worker_path))
+    cleanup_run(request, run_id, flow_run_id, failed=False)
 
     result = MigrationResult(
         vm=spec.inventory_path,

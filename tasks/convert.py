@@ -248,7 +248,7 @@ def convert_vm(
     """
     env = dict(host.env)
     if windows:
-        env.setdefault("VIRTIO_WIN", "/usr/share/virtio-win")
+        env.setdefault("VIRTIO_WIN", host.virtio_win)
     argv = virt_v2v_argv(ova_dir, out_dir, target, verbose=verbose)
     logger.info("convert on %s: %s", host_name, shlex.join(argv))
     percent = 0

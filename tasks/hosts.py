@@ -17,7 +17,7 @@ echo "virt_v2v=$(v virt-v2v --version)"
 echo "nbdkit=$(v nbdkit --version)"
 echo "ovftool=$(v ovftool --version)"
 echo "qemu_img=$(v qemu-img --version)"
-if [ -d /usr/share/virtio-win ]; then echo virtio_win=1; fi
+if [ -e {virtio_win} ]; then echo virtio_win=1; fi
 echo "free_bytes=$(df -P -B1 -- {workdir} | awk 'NR==2 {print $4}')"
 """
 
@@ -34,7 +34,9 @@ def remote(argv: list[str], env: dict[str, str] | None = None) -> str:
 
 def probe_host(name: str, host: KvmHost, timeout: float = 60) -> HostProbe:
     """Probe one host: virt-v2v, nbdkit, ovftool, qemu-img, virtio-win, free space."""
-    script = _PROBE.replace("{workdir}", shlex.quote(host.workdir))
+    script = _PROBE.replace("{workdir}", shlex.quote(host.workdir)).replace(
+        "{virtio_win}", shlex.quote(host.virtio_win)
+    )
     try:
         with host.get_connection() as conn:
             result = conn.run(

@@ -315,6 +315,31 @@ def remove_volumes(conn: libvirt.virConnect, volumes: list[tuple[str, str]]) -> 
             continue
 
 
+def run_domains(conn: libvirt.virConnect, flow_run_id: str) -> list[str]:
+    """Names of the domains that a given flow run defined (from v2k's domain metadata)."""
+    found = []
+    for dom in conn.listAllDomains():
+        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        run = root.findtext(f"metadata/{{{V2K_NS}}}migration/{{{V2K_NS}}}flow-run")
+        if run and run == flow_run_id:
+            found.append(dom.name())
+    return found
+
+
+def remove_domain_and_volumes(conn: libvirt.virConnect, name: str) -> None:
+    """Remove a domain and the pool volumes its disks use."""
+    try:
+        root = ET.fromstring(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    except libvirt.libvirtError:
+        return
+    volumes = [
+        (source.get("pool"), source.get("volume"))
+        for source in root.iterfind("devices/disk[@type='volume']/source")
+    ]
+    remove_domain(conn, name)
+    remove_volumes(conn, volumes)
+
+
 def wait_for_login(
     conn: libvirt.virConnect,
     dom: libvirt.virDomain,

@@ -119,6 +119,9 @@ class VmSpec(BaseModel):
     tools_status: str | None = None
     change_version: str | None = None
     host: str | None = Field(default=None, description="ESXi host that runs the VM.")
+    standalone: bool = Field(
+        default=False, description="The source is a standalone ESXi host, not vCenter."
+    )
 
     @property
     def total_disk_bytes(self) -> int:
@@ -252,3 +255,10 @@ class VmSummary(BaseModel):
     nics: list[str] = Field(default_factory=list, description="MAC@portgroup per NIC.")
     firmware: str | None = None
     instance_uuid: str | None = None
+    folder: str = Field(
+        default="", description="Folder below the datacenter's VM folder, e.g. `Prod/Web`."
+    )
+    snapshot_count: int = 0
+    tools_status: str | None = Field(
+        default=None, description="VMware Tools: toolsOk, toolsNotInstalled, toolsNotRunning..."
+    )

@@ -45,13 +45,43 @@ class Preflight(BaseModel):
 def source_rules(spec: VmSpec) -> list[Concern]:
     """Rules on the source VM alone."""
     concerns: list[Concern] = []
-    if spec.power_state != "poweredOff":
+    if spec.power_state == "poweredOn" and spec.is_windows:
         concerns.append(
             Concern(
-                rule="powered-on",
+                rule="running-windows",
                 severity="critical",
-                message=f"VM {spec.name!r} is {spec.power_state}.",
-                fix="shut the VM down (cold migration needs a powered-off source)",
+                message=f"Windows VM {spec.name!r} is running.",
+                fix="shut Windows down gracefully (a crash-consistent copy may not boot)",
+            )
+        )
+    elif spec.power_state == "poweredOn" and spec.standalone:
+        concerns.append(
+            Concern(
+                rule="running-on-esxi",
+                severity="critical",
+                message=f"VM {spec.name!r} runs on a standalone ESXi host, which cannot clone.",
+                fix="power the VM off, or migrate it through vCenter",
+            )
+        )
+    elif spec.power_state == "poweredOn":
+        concerns.append(
+            Concern(
+                rule="running-clone",
+                severity="warning",
+                message=(
+                    f"VM {spec.name!r} is running: a powered-off clone is exported, which is "
+                    "crash-consistent."
+                ),
+                fix="shut the VM down first for a clean copy",
+            )
+        )
+    elif spec.power_state == "suspended":
+        concerns.append(
+            Concern(
+                rule="suspended",
+                severity="critical",
+                message=f"VM {spec.name!r} is suspended.",
+                fix="resume it and shut it down, or power it off",
             )
         )
     for disk in spec.disks:
@@ -115,6 +145,18 @@ def destination_rules(
                     fix="add it to the cluster's network_map or set default_network",
                 )
             )
+    if not storage.shared:
+        concerns.append(
+            Concern(
+                rule="storage-not-shared",
+                severity="critical",
+                message=(
+                    "the worker exports into temporary storage that the convert host cannot "
+                    "see (TemporaryStorage.shared is false)."
+                ),
+                fix="use shared storage (NFS) mounted on the worker and the hosts",
+            )
+        )
     workdir = Path(storage.worker_path)
     if not workdir.is_dir():
         concerns.append(

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from pyVmomi import vim, vmodl
 
-from tasks.models import DiskSpec, NicSpec, VmSpec, VmSummary
+from tasks.models import DiskSpec, NicSpec, VmSpec
 
 _MOREF = re.compile(r"^vm-\d+$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
@@ -269,6 +269,7 @@ def read_spec(si, vm: vim.VirtualMachine) -> VmSpec:
         tools_status=str(values.get("summary.guest.toolsStatus") or "") or None,
         change_version=config.changeVersion,
         host=host.name if host is not None else None,
+        standalone=si.content.about.apiType == "HostAgent",
     )
 
 
@@ -364,67 +365,3 @@ def create_descriptor(si, vm: vim.VirtualMachine, files: list[tuple[str, str, in
     if result.error:
         raise SourceError(f"CreateDescriptor failed: {result.error[0].msg}")
     return result.ovfDescriptor
-
-
-_INVENTORY_PROPS = [
-    "name",
-    "parent",
-    "runtime.powerState",
-    "config.guestId",
-    "config.guestFullName",
-    "config.hardware.numCPU",
-    "config.hardware.memoryMB",
-    "config.hardware.device",
-    "config.firmware",
-    "config.instanceUuid",
-]
-
-
-def list_vms(si, dc: vim.Datacenter) -> list[VmSummary]:
-    """Every VM of a datacenter, from one retrieval of VMs plus one of folders.
-
-    Paths are put together locally from the folders' names and parents, never with a
-    round trip per VM.
-    """
-    parents: dict[str, tuple[str, object]] = {}
-    for obj, props in retrieve(si, dc.vmFolder, vim.Folder, ["name", "parent"]):
-        parents[obj._moId] = (props["name"], props.get("parent"))
-    vm_root = f"/{dc.name}/vm"
-
-    def folder_path(folder) -> str:
-        parts = []
-        while folder is not None and folder._moId in parents:
-            name, folder = parents[folder._moId]
-            parts.append(name.replace("/", "%2f"))
-        # The view holds the folders below the datacenter's "vm" folder, not that folder.
-        return "/".join([vm_root, *reversed(parts)])
-
-    dvpg = {
-        props["key"]: props["name"]
-        for _, props in retrieve(
-            si, dc.networkFolder, vim.dvs.DistributedVirtualPortgroup, ["key", "name"]
-        )
-    }
-    summaries = []
-    for obj, props in retrieve(si, dc.vmFolder, vim.VirtualMachine, _INVENTORY_PROPS):
-        devices = props.get("config.hardware.device") or []
-        disks = [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
-        nics = [d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)]
-        summaries.append(
-            VmSummary(
-                name=props["name"],
-                moref=obj._moId,
-                path=f"{folder_path(props.get('parent'))}/{props['name'].replace('/', '%2f')}",
-                power_state=str(props.get("runtime.powerState")),
-                guest_id=props.get("config.guestId"),
-                guest_full_name=props.get("config.guestFullName"),
-                num_cpu=props.get("config.hardware.numCPU"),
-                memory_mb=props.get("config.hardware.memoryMB"),
-                disks=len(disks),
-                disk_bytes=sum(d.capacityInBytes or d.capacityInKB * 1024 for d in disks),
-                nics=[f"{(n.macAddress or '').lower()}@{_portgroup(n, dvpg)}" for n in nics],
-                firmware=props.get("config.firmware"),
-                instance_uuid=props.get("config.instanceUuid"),
-            )
-        )
-    return sorted(summaries, key=lambda s: s.path)

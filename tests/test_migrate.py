@@ -89,9 +89,32 @@ def test_vm_not_found(bed_blocks, unchanged):
         migrate_vm(_request(bed_blocks, "no-such-vm"))
 
 
-def test_powered_on_vm_refused(bed_blocks, unchanged):
-    with pytest.raises(PreflightError, match="poweredOn.*shut the VM down"):
+def test_running_windows_refused(bed_blocks, unchanged):
+    with pytest.raises(PreflightError, match="Windows VM 'win2019-running' is running.*gracefully"):
+        migrate_vm(_request(bed_blocks, "win2019-running"))
+
+
+def test_running_linux_exports_a_clone_that_is_removed_after_a_failure(bed_blocks, unchanged):
+    # The clone is exported (the source keeps running, untouched); virt-v2v then fails on
+    # the synthetic disk, and the clone is gone afterwards (checked by `unchanged`).
+    with pytest.raises(Exception, match="virt-v2v exited 1"):
         migrate_vm(_request(bed_blocks, "debian-running"))
+
+
+def test_windows_needs_virtio_win_on_the_convert_host(bed, bed_blocks, tmp_path):
+    from tasks.hosts import choose_hosts, probe_hosts
+
+    drivers = tmp_path / "virtio-win"
+    drivers.mkdir()
+    hosts = KvmCluster.load(bed_blocks["cluster"]).load_hosts()
+    names = sorted(hosts)
+    without = probe_hosts(hosts)
+    with pytest.raises(HostSelectionError, match="virtio-win is not installed"):
+        choose_hosts(without, windows=True)
+    hosts[names[1]] = hosts[names[1]].model_copy(update={"virtio_win": str(drivers)})
+    choice = choose_hosts(probe_hosts(hosts), windows=True)
+    assert choice.convert == names[1]
+    assert choose_hosts(without, windows=False).convert in names
 
 
 def test_independent_disk_refused(bed_blocks, unchanged):
