@@ -111,5 +111,50 @@ def migrate(
     Console().print(table)
 
 
+@app.command()
+def plan(
+    vm: str = typer.Argument(..., help="VM name, inventory path, moref or instance UUID."),
+    vcenter: str = typer.Option(..., help="VCenter block name."),
+    cluster: str = typer.Option(..., help="KvmCluster block name."),
+    storage: str = typer.Option(..., help="TemporaryStorage block name."),
+    settings: str | None = typer.Option(None, help="MigrationSettings block name."),
+    target_name: str | None = typer.Option(None, help="Domain name on KVM."),
+    convert_host: str | None = typer.Option(None, help="KvmHost block that runs virt-v2v."),
+    import_host: str | None = typer.Option(None, help="KvmHost block that gets the domain."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Dry run: show what a migration would check, decide and run, moving nothing.
+
+    Exits 1 when a critical concern would refuse the migration.
+
+    Example: v2k plan web-01 --vcenter prod-vc --cluster kvm-prod --storage scratch
+    """
+    from rich.markdown import Markdown
+
+    from tasks.models import MigrationRequest
+    from tasks.plan import make_plan, plan_markdown
+
+    request = MigrationRequest(
+        vcenter=vcenter,
+        vm=vm,
+        cluster=cluster,
+        temporary_storage=storage,
+        settings=settings,
+        target_name=target_name,
+        convert_host=convert_host,
+        import_host=import_host,
+    )
+    try:
+        result = make_plan(request)
+    except Exception as exc:  # noqa: BLE001 - the command line shows the reason, not a trace
+        console.print(f"[red]cannot plan:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(result.model_dump_json(indent=2))
+    else:
+        Console().print(Markdown(plan_markdown(result)))
+    raise typer.Exit(1 if result.critical else 0)
+
+
 if __name__ == "__main__":
     app()

@@ -37,7 +37,13 @@ from tasks.models import (
     StageReport,
     VmSpec,
 )
-from tasks.preflight import Preflight, PreflightError, preflight
+from tasks.preflight import (
+    Preflight,
+    PreflightError,
+    host_rules,
+    preflight,
+    refuse_critical,
+)
 from tasks.progress import Progress, artifact_key
 from tasks.source import clone_for_export, clone_name, remove_clones
 from tasks.vcenter import SourceError
@@ -100,6 +106,8 @@ def select_hosts_task(request: MigrationRequest, spec: VmSpec) -> HostChoice:
     )
     for reason in choice.reasons:
         get_run_logger().info("host %s", reason)
+    import_probe = next(p for p in probes if p.name == choice.import_)
+    refuse_critical(host_rules(spec, import_probe))
     return choice
 
 

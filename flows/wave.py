@@ -37,7 +37,6 @@ from typing import Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.logging import get_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -46,6 +45,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
+from prefect.logging import get_logger
 from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 

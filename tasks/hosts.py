@@ -18,6 +18,11 @@ echo "nbdkit=$(v nbdkit --version)"
 echo "ovftool=$(v ovftool --version)"
 echo "qemu_img=$(v qemu-img --version)"
 if [ -e {virtio_win} ]; then echo virtio_win=1; fi
+for f in /usr/share/OVMF/OVMF_CODE*.fd /usr/share/edk2/ovmf/OVMF_CODE*.fd; do
+  [ -e "$f" ] || continue
+  echo ovmf=1
+  case "$f" in *secboot*|*.ms.fd) echo ovmf_secure_boot=1;; esac
+done
 echo "free_bytes=$(df -P -B1 -- {workdir} | awk 'NR==2 {print $4}')"
 """
 
@@ -68,6 +73,8 @@ def probe_host(name: str, host: KvmHost, timeout: float = 60) -> HostProbe:
         ovftool=found.get("ovftool"),
         qemu_img=found.get("qemu_img"),
         virtio_win="virtio_win" in found,
+        ovmf="ovmf" in found,
+        ovmf_secure_boot="ovmf_secure_boot" in found,
         free_bytes=int(free) if free.isdigit() else None,
     )
 

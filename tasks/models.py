@@ -143,6 +143,8 @@ class HostProbe(BaseModel):
     ovftool: str | None = None
     qemu_img: str | None = None
     virtio_win: bool = False
+    ovmf: bool = Field(default=False, description="UEFI firmware (OVMF) is installed.")
+    ovmf_secure_boot: bool = Field(default=False, description="A secure-boot OVMF build is.")
     free_bytes: int | None = None
 
     def can_convert(self, windows: bool) -> str | None:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from blocks import KvmCluster, KvmHost, TemporaryStorage, VCenter
 from tasks import kvm
 from tasks import vcenter as vc
-from tasks.models import MigrationRequest, VmSpec, libvirt_name
+from tasks.models import HostProbe, MigrationRequest, VmSpec, libvirt_name
 
 
 class Concern(BaseModel):
@@ -40,6 +40,82 @@ class Preflight(BaseModel):
     @property
     def warnings(self) -> list[str]:
         return [c.message for c in self.concerns if c.severity == "warning"]
+
+
+# VMware guestId prefixes of the guests virt-v2v can convert (Linux families and Windows).
+_CONVERTIBLE = (
+    "win",
+    "rhel",
+    "centos",
+    "rocky",
+    "alma",
+    "oracle",
+    "sles",
+    "suse",
+    "opensuse",
+    "debian",
+    "ubuntu",
+    "fedora",
+    "other3xlinux",
+    "other4xlinux",
+    "other5xlinux",
+    "other6xlinux",
+    "otherlinux",
+    "amazonlinux",
+    "asianux",
+    "photon",
+    "mandrake",
+    "mandriva",
+    "turbolinux",
+    "genericlinux",
+    "redhat",
+    "coreos",
+    "vmwarephoton",
+)
+
+
+def host_rules(spec: VmSpec, import_host: HostProbe) -> list[Concern]:
+    """Rules against the chosen import host: firmware the guest needs."""
+    concerns: list[Concern] = []
+    if spec.firmware == "efi" and not import_host.ovmf:
+        concerns.append(
+            Concern(
+                rule="no-ovmf",
+                severity="critical",
+                message=f"the guest boots with UEFI and {import_host.name} has no OVMF firmware.",
+                fix="install the ovmf package on the import host",
+            )
+        )
+    elif spec.secure_boot and not import_host.ovmf_secure_boot:
+        concerns.append(
+            Concern(
+                rule="no-secure-boot-ovmf",
+                severity="critical",
+                message=(
+                    f"the guest uses UEFI secure boot and {import_host.name} has no "
+                    "secure-boot OVMF build."
+                ),
+                fix="install an OVMF with secure boot (Debian: ovmf) or turn secure boot off",
+            )
+        )
+    return concerns
+
+
+def name_rules(spec: VmSpec, requested: str | None) -> list[Concern]:
+    """A source name libvirt cannot take is changed, and the user is told so."""
+    if requested is None and libvirt_name(spec.name) != spec.name:
+        return [
+            Concern(
+                rule="domain-name",
+                severity="warning",
+                message=(
+                    f"{spec.name!r} is not a valid libvirt domain name; the domain will be "
+                    f"named {libvirt_name(spec.name)!r}."
+                ),
+                fix="give target_name to choose another name",
+            )
+        ]
+    return []
 
 
 def source_rules(spec: VmSpec) -> list[Concern]:
@@ -94,6 +170,15 @@ def source_rules(spec: VmSpec) -> list[Concern]:
                     fix="migrate the LUN's data separately and remove the RDM from the VM",
                 )
             )
+        elif disk.sharing == "sharingMultiWriter":
+            concerns.append(
+                Concern(
+                    rule="shared-disk",
+                    severity="critical",
+                    message=f"{disk.label} is shared (multi-writer) with other VMs.",
+                    fix="migrate the clustered application's data separately; remove the sharing",
+                )
+            )
         elif disk.mode.startswith("independent"):
             concerns.append(
                 Concern(
@@ -110,6 +195,19 @@ def source_rules(spec: VmSpec) -> list[Concern]:
                 severity="critical",
                 message=f"VM {spec.name!r} has no virtual disk.",
                 fix="nothing to convert: create the VM on KVM directly",
+            )
+        )
+    guest = (spec.guest_id or "").lower()
+    if guest and not any(guest.startswith(p) for p in _CONVERTIBLE):
+        concerns.append(
+            Concern(
+                rule="guest-os",
+                severity="warning",
+                message=(
+                    f"guest OS {spec.guest_id} ({spec.guest_full_name or 'unknown'}) is not one "
+                    "virt-v2v converts (it converts Linux and Windows guests)."
+                ),
+                fix="check that the guest boots with virtio drivers, or convert it by hand",
             )
         )
     if spec.snapshot_count:
@@ -254,12 +352,11 @@ def _host_rules(conn, host: str, spec: VmSpec, target_name: str, cluster: KvmClu
     return concerns
 
 
-def preflight(request: MigrationRequest) -> Preflight:
-    """Read the VM and check every rule; raise PreflightError on any critical concern.
+def check(request: MigrationRequest) -> Preflight:
+    """Read the VM and evaluate every source and destination rule, raising nothing.
 
     Raises:
         SourceError: the VM cannot be found (or the name is ambiguous).
-        PreflightError: a rule refused the migration; nothing was created.
     """
     vcenter = VCenter.load(request.vcenter)
     with vcenter.connect() as si:
@@ -267,7 +364,7 @@ def preflight(request: MigrationRequest) -> Preflight:
         spec = vc.read_spec(si, vc.find_vm(si, dc, request.vm))
     target = request.target_name or libvirt_name(spec.name)
     cluster = KvmCluster.load(request.cluster)
-    concerns = source_rules(spec)
+    concerns = source_rules(spec) + name_rules(spec, request.target_name)
     concerns += destination_rules(
         spec,
         target,
@@ -275,7 +372,23 @@ def preflight(request: MigrationRequest) -> Preflight:
         cluster.load_hosts(),
         TemporaryStorage.load(request.temporary_storage),
     )
+    return Preflight(spec=spec, target_name=target, concerns=concerns)
+
+
+def refuse_critical(concerns: list[Concern]) -> None:
+    """Raise PreflightError when any concern is critical."""
     critical = [c for c in concerns if c.severity == "critical"]
     if critical:
         raise PreflightError(critical)
-    return Preflight(spec=spec, target_name=target, concerns=concerns)
+
+
+def preflight(request: MigrationRequest) -> Preflight:
+    """Read the VM and check every rule; raise PreflightError on any critical concern.
+
+    Raises:
+        SourceError: the VM cannot be found (or the name is ambiguous).
+        PreflightError: a rule refused the migration; nothing was created.
+    """
+    checked = check(request)
+    refuse_critical(checked.concerns)
+    return checked
