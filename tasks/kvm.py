@@ -136,8 +136,8 @@ def upload_volume(
         f"<volume><name>{_escape(name)}</name><capacity>{virtual_size}</capacity>"
         "<allocation>0</allocation><target><format type='qcow2'/></target></volume>"
     )
+    size = source.stat().st_size  # before anything is created: a missing file creates nothing
     vol = pool.createXML(vol_xml, 0)
-    size = source.stat().st_size
     stream = conn.newStream(0)
     sent = 0
     try:
