@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from pydantic import ValidationError
 
 from blocks import (
     KvmCluster,
@@ -38,9 +39,11 @@ from tasks.models import (
     VmSpec,
 )
 from tasks.preflight import (
+    BlockNotFound,
     Preflight,
     PreflightError,
     host_rules,
+    load_blocks,
     preflight,
     refuse_critical,
 )
@@ -49,7 +52,15 @@ from tasks.source import clone_for_export, clone_name, remove_clones
 from tasks.vcenter import SourceError
 
 # Errors a retry cannot fix: the user has to change something first.
-USER_ERRORS = (PreflightError, SourceError, HostSelectionError, KvmHostError, VCenterError)
+USER_ERRORS = (
+    PreflightError,
+    BlockNotFound,
+    SourceError,
+    HostSelectionError,
+    KvmHostError,
+    VCenterError,
+    ValidationError,
+)
 
 
 def transient_only(task, task_run, state) -> bool:
@@ -334,6 +345,7 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
     by this run is undefined with its volumes. The source VM is only read.
     """
     logger = get_run_logger()
+    load_blocks(request)
     settings = MigrationSettings.load(request.settings) if request.settings else MigrationSettings()
     storage = TemporaryStorage.load(request.temporary_storage)
     stages: list[StageReport] = []

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from blocks import KvmCluster, KvmHost, TemporaryStorage, VCenter
+from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage, VCenter
 from tasks import kvm
 from tasks import vcenter as vc
 from tasks.models import HostProbe, MigrationRequest, VmSpec, libvirt_name
@@ -352,12 +352,41 @@ def _host_rules(conn, host: str, spec: VmSpec, target_name: str, cluster: KvmClu
     return concerns
 
 
+class BlockNotFound(LookupError):
+    """A block named in the request does not exist."""
+
+
+def load_blocks(request: MigrationRequest) -> None:
+    """Load every block the request names, so a wrong name fails first and clearly.
+
+    Raises:
+        BlockNotFound: one or more names are unknown; all of them are listed.
+    """
+    named = [
+        (VCenter, request.vcenter),
+        (KvmCluster, request.cluster),
+        (TemporaryStorage, request.temporary_storage),
+    ]
+    if request.settings:
+        named.append((MigrationSettings, request.settings))
+    missing = []
+    for cls, name in named:
+        try:
+            cls.load(name)
+        except ValueError:
+            missing.append(f"no {cls.__name__} block named {name!r}")
+    if missing:
+        raise BlockNotFound("; ".join(missing) + " (save it first, or check the name)")
+
+
 def check(request: MigrationRequest) -> Preflight:
     """Read the VM and evaluate every source and destination rule, raising nothing.
 
     Raises:
+        BlockNotFound: a block named in the request does not exist.
         SourceError: the VM cannot be found (or the name is ambiguous).
     """
+    load_blocks(request)
     vcenter = VCenter.load(request.vcenter)
     with vcenter.connect() as si:
         dc = vc.datacenter(si, vcenter.datacenter)
