@@ -58,6 +58,13 @@ class MigrationSettings(Block):
             "convert.vmware.instance.to.kvm.timeout). The remote process is killed after it."
         ),
     )
+    force_ms_export: bool = Field(
+        default=False,
+        description=(
+            "Always export through the worker (management export), even when a KVM host "
+            "has ovftool."
+        ),
+    )
     virt_v2v_verbose: bool = Field(
         default=False, description="Run virt-v2v with -v -x (CloudStack virtv2v.verbose.enabled)."
     )
@@ -99,6 +106,14 @@ class MigrationSettings(Block):
     @property
     def convert_timeout_seconds(self) -> float:
         return self.convert_timeout * 3600
+
+    def ovftool_threads(self, disks: int) -> int | None:
+        """ovftool --parallelThreads with CloudStack's meaning; None leaves the flag out."""
+        if self.threads_on_kvm_host in (-1, 1):
+            return None
+        if self.threads_on_kvm_host == 0:
+            return max(disks, 1)
+        return max(1, min(self.threads_on_kvm_host, disks))
 
     def download_threads(self, disks: int) -> int:
         """How many disks download at once, with CloudStack's meaning of threads_on_ms."""

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 
 class VCenterError(RuntimeError):
@@ -132,3 +132,38 @@ class VCenter(Block):
                 Disconnect(si)
             except Exception:  # noqa: BLE001 - logging out of a dead session is not an error
                 pass
+
+
+class InlineVCenter(BaseModel):
+    """A vCenter or ESXi host given in the run itself instead of a saved VCenter block.
+
+    The password is never a parameter (Prefect stores run parameters in plain text):
+    give the name of a Prefect `Secret` block that holds it.
+    """
+
+    host: str = Field(description="Host name or IP address of vCenter or of the ESXi host.")
+    port: int = Field(default=443, ge=1, le=65535)
+    username: str
+    password_secret: str = Field(
+        description="Name of the Prefect Secret block that holds the password."
+    )
+    datacenter: str | None = Field(
+        default=None, description="Empty: the only datacenter (`ha-datacenter` on ESXi)."
+    )
+    verify_tls: bool = True
+    ca_cert: str | None = Field(default=None, description="CA as PEM text or a path.")
+
+    def to_block(self) -> VCenter:
+        """A VCenter block (not saved) with the password read from the Secret block."""
+        from prefect.blocks.system import Secret
+
+        password = Secret.load(self.password_secret).get()
+        return VCenter(
+            host=self.host,
+            port=self.port,
+            username=self.username,
+            password=str(password),
+            datacenter=self.datacenter,
+            verify_tls=self.verify_tls,
+            ca_cert=self.ca_cert,
+        )

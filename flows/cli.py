@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -75,10 +76,25 @@ def migrate(
     import_host: str | None = typer.Option(None, help="KvmHost block that gets the domain."),
     verify_boot: bool = typer.Option(False, help="Boot the domain and wait for its login."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    via_deployment: bool = typer.Option(
+        False, help="Start a run of the migrate-vm deployment (a worker runs it) and follow it."
+    ),
+    idempotency_key: str | None = typer.Option(
+        None, help="With --via-deployment: a repeated request with this key starts nothing new."
+    ),
+    timeout: float | None = typer.Option(
+        None, help="With --via-deployment: stop waiting after this many seconds (exit 3)."
+    ),
 ) -> None:
-    """Migrate one VM, running the migrate-vm flow here.
+    """Migrate one VM, running the migrate-vm flow here (or on a worker).
 
-    Example: v2k migrate web-01 --vcenter prod-vc --cluster kvm-prod --storage scratch
+    Exit codes: 0 migrated, 1 failed, 2 bad arguments or Prefect unreachable, 3 still
+    running when --timeout passed.
+
+    Examples:
+      v2k migrate web-01 --vcenter prod-vc --cluster kvm-prod --storage scratch
+      v2k migrate web-01 --vcenter prod-vc --cluster kvm-prod --storage scratch \\
+          --via-deployment --idempotency-key CHG-1234
     """
     from flows.migrate import migrate_vm
     from tasks.models import MigrationRequest
@@ -94,6 +110,16 @@ def migrate(
         import_host=import_host,
         verify_boot=verify_boot,
     )
+    if via_deployment:
+        from deployments.runs import MIGRATE_VM
+
+        _run_deployment(
+            MIGRATE_VM,
+            {"request": request.model_dump(mode="json", exclude_none=True)},
+            idempotency_key,
+            timeout,
+            as_json,
+        )
     try:
         result = migrate_vm(request)
     except Exception as exc:  # noqa: BLE001 - the command line shows the reason, not a trace
@@ -154,6 +180,176 @@ def plan(
     else:
         Console().print(Markdown(plan_markdown(result)))
     raise typer.Exit(1 if result.critical else 0)
+
+
+def _finish_run(described: dict, as_json: bool) -> None:
+    """Print a run (JSON on stdout, or for people) and exit with its exit code."""
+    from deployments.runs import exit_code, render
+
+    if as_json:
+        print(json.dumps(described, indent=2, default=str))
+    else:
+        render(described, Console())
+    raise typer.Exit(exit_code(described["state"]["type"]))
+
+
+def _run_deployment(
+    deployment: str, parameters: dict, key: str | None, timeout: float | None, as_json: bool
+) -> None:
+    """Start a run of a deployment, follow it with progress bars, print it, exit."""
+    from deployments.runs import EXIT_USAGE, start, watch
+
+    try:
+        run = start(deployment, parameters, key)
+    except Exception as exc:  # noqa: BLE001 - unknown deployment, Prefect unreachable...
+        console.print(f"[red]cannot start {deployment}:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    console.print(f"started {run['name']} ({run['id']}) of {deployment}")
+    _finish_run(watch(run["id"], console, timeout=timeout), as_json)
+
+
+@app.command()
+def wave(
+    vms: Annotated[
+        list[str] | None, typer.Argument(help="VMs: names, paths, morefs or UUIDs.")
+    ] = None,
+    file: str | None = typer.Option(None, "--file", "-f", help="YAML wave file."),
+    name: str | None = typer.Option(None, help="Also every VM whose name matches this glob."),
+    vcenter: str | None = typer.Option(None, help="VCenter block name."),
+    cluster: str | None = typer.Option(None, help="KvmCluster block name."),
+    storage: str | None = typer.Option(None, help="TemporaryStorage block name."),
+    settings: str | None = typer.Option(None, help="MigrationSettings block name."),
+    max_in_flight: int | None = typer.Option(None, min=1, help="VMs at once (default 4)."),
+    verify_boot: bool | None = typer.Option(None, help="Boot each migrated domain."),
+    per_esxi_host: int | None = typer.Option(None, min=1, help="Set the per-ESXi-host cap."),
+    per_kvm_host: int | None = typer.Option(None, min=1, help="Set the per-KVM-host cap."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    via_deployment: bool = typer.Option(
+        False, help="Start a run of the wave deployment (workers run it) and follow it."
+    ),
+    idempotency_key: str | None = typer.Option(None, help="With --via-deployment."),
+    timeout: float | None = typer.Option(None, help="With --via-deployment (exit 3)."),
+) -> None:
+    """Migrate many VMs, at most --max-in-flight at once; one failure stops no other.
+
+    Exit codes: 0 all migrated, 1 some VMs failed, 2 bad arguments, 3 still running.
+
+    Examples:
+      v2k wave web-01 web-02 db-01 --vcenter prod-vc --cluster kvm-prod --storage scratch
+      v2k wave --file waves/tuesday.yaml --max-in-flight 8
+      v2k wave --name 'web-*' --vcenter prod-vc --cluster kvm-prod --storage scratch \\
+          --via-deployment
+    """
+    from flows.wave import WaveFailed, migrate_wave
+    from tasks.progress import human_bytes
+
+    params = dict(
+        vms=vms or None,
+        wave_file=file,
+        name_glob=name,
+        vcenter=vcenter,
+        cluster=cluster,
+        temporary_storage=storage,
+        settings=settings,
+        max_in_flight=max_in_flight,
+        verify_boot=verify_boot,
+        per_esxi_host=per_esxi_host,
+        per_kvm_host=per_kvm_host,
+    )
+    if via_deployment:
+        from deployments.runs import WAVE
+
+        parameters = {k: v for k, v in params.items() if v is not None}
+        if file:
+            from pathlib import Path
+
+            parameters["wave_file"] = str(Path(file).resolve())  # as the worker will see it
+        _run_deployment(WAVE, parameters, idempotency_key, timeout, as_json)
+    try:
+        summary = migrate_wave(**params)
+        code = 0
+    except WaveFailed as failed:
+        summary, code = failed.summary, 1
+    except Exception as exc:  # noqa: BLE001 - the command line shows the reason, not a trace
+        console.print(f"[red]wave not started:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(summary.model_dump_json(indent=2))
+        raise typer.Exit(code)
+    table = Table(
+        title=f"{summary.completed} of {summary.total} VM(s) migrated, {summary.failed} failed"
+    )
+    for column in ("VM", "result", "seconds", "bytes", "ESXi", "convert", "import", "error"):
+        table.add_column(column, overflow="fold")
+    for v in summary.vms:
+        table.add_row(
+            v.vm,
+            v.result,
+            f"{v.seconds:.0f}",
+            human_bytes(v.bytes_exported) if v.bytes_exported is not None else "",
+            v.esxi_host or "",
+            v.convert_host or "",
+            v.import_host or "",
+            v.error or "",
+        )
+    Console().print(table)
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    run_id: str = typer.Argument(..., help="Flow run id (migrate-vm, wave, inventory...)."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow it until it ends."),
+    as_json: bool = typer.Option(False, "--json", help="Print it as JSON."),
+) -> None:
+    """Show a run: state, message, summary or wave table, subflow runs.
+
+    Exit codes: 0 completed, 1 failed/crashed/cancelled, 2 no such run, 3 still running.
+
+    Example: v2k status 0f3c9a6e-... --watch
+    """
+    from deployments.runs import EXIT_USAGE, describe
+    from deployments.runs import watch as follow_run
+
+    try:
+        described = follow_run(run_id, console) if watch else describe(run_id)
+    except Exception as exc:  # noqa: BLE001 - a bad id, an unknown run, Prefect unreachable
+        console.print(f"[red]cannot read run {run_id}:[/red] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    _finish_run(described, as_json)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address the Prefect server listens on."),
+    port: int = typer.Option(4200, help="Port of the Prefect server and UI."),
+    home: str | None = typer.Option(None, help="PREFECT_HOME (default ~/.local/state/v2k)."),
+    workers: int = typer.Option(1, min=1, help="Process workers to start."),
+    testbed: bool = typer.Option(False, help="Also start the test bed; save its blocks."),
+    slot: int | None = typer.Option(None, help="Test bed slot (0-4)."),
+    database_url: str | None = typer.Option(None, help="PostgreSQL URL for the server."),
+) -> None:
+    """Start a local Prefect server, register the blocks, deploy, start a worker, and print
+    the UI address; hold until Ctrl-C, then stop them all.
+
+    Example: v2k serve --testbed    (then open http://127.0.0.1:4200)
+    """
+    from pathlib import Path
+
+    from deployments.serve import serve as run_server
+
+    raise typer.Exit(
+        run_server(
+            host=host,
+            port=port,
+            home=Path(home) if home else None,
+            workers=workers,
+            testbed=testbed,
+            slot=slot,
+            database_url=database_url,
+            echo=console.print,
+        )
+    )
 
 
 if __name__ == "__main__":

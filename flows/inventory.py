@@ -4,47 +4,12 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, Field
 
 from blocks import VCenter
+from blocks.vcenter import InlineVCenter
 from tasks import inventory as inv
 from tasks import vcenter as vc
 from tasks.models import VmSummary
-
-
-class InlineVCenter(BaseModel):
-    """A vCenter or ESXi host given in the run itself instead of a saved VCenter block.
-
-    The password is never a parameter (Prefect stores run parameters in plain text):
-    give the name of a Prefect `Secret` block that holds it.
-    """
-
-    host: str = Field(description="Host name or IP address of vCenter or of the ESXi host.")
-    port: int = Field(default=443, ge=1, le=65535)
-    username: str
-    password_secret: str = Field(
-        description="Name of the Prefect Secret block that holds the password."
-    )
-    datacenter: str | None = Field(
-        default=None, description="Empty: the only datacenter (`ha-datacenter` on ESXi)."
-    )
-    verify_tls: bool = True
-    ca_cert: str | None = Field(default=None, description="CA as PEM text or a path.")
-
-    def to_block(self) -> VCenter:
-        """A VCenter block (not saved) with the password read from the Secret block."""
-        from prefect.blocks.system import Secret
-
-        password = Secret.load(self.password_secret).get()
-        return VCenter(
-            host=self.host,
-            port=self.port,
-            username=self.username,
-            password=str(password),
-            datacenter=self.datacenter,
-            verify_tls=self.verify_tls,
-            ca_cert=self.ca_cert,
-        )
 
 
 def read_inventory(
@@ -60,10 +25,14 @@ def read_inventory(
     return inv.filter_vms(vms, name_glob, folder, power_state)
 
 
-def source_block(vcenter: str | None, inline: InlineVCenter | None) -> VCenter:
-    """The VCenter block to read: saved (by name) or inline; exactly one of them."""
+def _check_source(vcenter: str | None, inline: InlineVCenter | None) -> None:
     if (vcenter is None) == (inline is None):
         raise ValueError("give either vcenter (a VCenter block name) or inline, not both")
+
+
+def source_block(vcenter: str | None, inline: InlineVCenter | None) -> VCenter:
+    """The VCenter block to read: saved (by name) or inline; exactly one of them."""
+    _check_source(vcenter, inline)
     return VCenter.load(vcenter) if vcenter is not None else inline.to_block()
 
 
@@ -88,17 +57,20 @@ def inventory(
 ) -> list[VmSummary]:
     """List every VM of a datacenter with its hardware, as a table artifact `inventory`.
 
-    The source is either `vcenter`, the name of a saved VCenter block, or `inline`:
-    host, user, datacenter and the NAME of a Prefect Secret block holding the password
-    (a password given as a run parameter would be stored in plain text). Both work for
-    a vCenter and for a standalone ESXi host.
+    The source is either a saved VCenter block (`vcenter`) or `inline`: host, user,
+    datacenter and the NAME of a Prefect Secret block holding the password (a password
+    given as a run parameter would be stored in plain text). Both work for a vCenter and
+    for a standalone ESXi host. Every VM comes from one paged PropertyCollector
+    retrieval (see tasks/inventory.py).
 
-    Filters: `name_glob` (shell glob on the name, any case), `folder` (that folder and
-    below, `Prod/Web` or `/DC0/vm/Prod`), `power_state` (poweredOn, poweredOff or
-    suspended).
-
-    Every VM comes from one paged PropertyCollector retrieval (see tasks/inventory.py).
+    Args:
+        vcenter: Name of a saved VCenter block. Leave empty when `inline` is given.
+        inline: vCenter or ESXi host given here, its password in a Secret block.
+        name_glob: Only VMs whose name matches this shell glob (any case), e.g. `web-*`.
+        folder: Only VMs in this folder and below: `Prod/Web` or `/DC0/vm/Prod`.
+        power_state: Only VMs in this state: poweredOn, poweredOff or suspended.
     """
+    _check_source(vcenter, inline)  # mistakes fail before any connection
     inv.check_power_state(power_state)
     source = vcenter or (inline.host if inline else "?")
     vms = read_inventory_task(vcenter, inline, name_glob, folder, power_state)

@@ -26,6 +26,7 @@ from tasks import vcenter as vc
 from tasks.cleanup import remove_tree
 from tasks.convert import convert_vm
 from tasks.export import run_export
+from tasks.guestos import choose_osinfo
 from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
 from tasks.models import (
     ConvertedDisk,
@@ -38,6 +39,7 @@ from tasks.models import (
     StageReport,
     VmSpec,
 )
+from tasks.ovftool import exported_from_manifest, run_ovftool
 from tasks.preflight import (
     BlockNotFound,
     Preflight,
@@ -104,7 +106,9 @@ def preflight_task(request: MigrationRequest) -> Preflight:
 
 
 @task(name="select-hosts", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
-def select_hosts_task(request: MigrationRequest, spec: VmSpec) -> HostChoice:
+def select_hosts_task(
+    request: MigrationRequest, spec: VmSpec, use_ovftool: bool = True
+) -> HostChoice:
     cluster = KvmCluster.load(request.cluster)
     if not cluster.enabled:
         raise HostSelectionError(f"cluster {request.cluster!r} is disabled")
@@ -114,12 +118,41 @@ def select_hosts_task(request: MigrationRequest, spec: VmSpec) -> HostChoice:
         windows=spec.is_windows,
         convert=request.convert_host,
         import_=request.import_host,
+        export=request.export_host,
+        use_ovftool=use_ovftool,
     )
     for reason in choice.reasons:
         get_run_logger().info("host %s", reason)
     import_probe = next(p for p in probes if p.name == choice.import_)
     refuse_critical(host_rules(spec, import_probe))
     return choice
+
+
+@task(name="export-ovftool", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+def ovftool_export_task(
+    request: MigrationRequest,
+    spec: VmSpec,
+    host_name: str,
+    directory: str,
+    settings: MigrationSettings,
+    run_key: str,
+) -> ExportResult:
+    """Export on a KVM host with ovftool into the (shared) temporary storage."""
+    storage = TemporaryStorage.load(request.temporary_storage)
+    host = KvmHost.load(host_name)
+    progress = Progress(artifact_key(run_key, "export"), f"ovftool export on {host_name}")
+    with host.get_connection() as conn:
+        ovf_dir = run_ovftool(
+            conn,
+            VCenter.load(request.vcenter),
+            spec,
+            target_dir=storage.path_on_host(directory),
+            threads=settings.ovftool_threads(len(spec.disks)),
+            timeout_seconds=settings.convert_timeout_seconds,
+            env=host.env,
+            on_percent=lambda p: progress.step(p, f"{p}%"),
+        )
+    return exported_from_manifest(Path(directory) / Path(ovf_dir).name, source_moref=spec.moref)
 
 
 @task(name="convert", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
@@ -150,6 +183,11 @@ def convert_task(
         progress=progress,
         logger=logger,
     )
+    guest = choose_osinfo(kvm.parse_v2v_xml(xml)["osinfo"], spec.guest_id)
+    if guest.osinfo_id:
+        logger.info("guest OS %s (from %s)", guest.osinfo_id, guest.source)
+    if guest.note:
+        logger.warning("guest OS: %s", guest.note)
     return ConvertResult(
         output_dir=out_dir,
         disks=[
@@ -157,10 +195,10 @@ def convert_task(
             for p, v, a in disks
         ],
         domain_xml=xml,
-        osinfo=kvm.parse_v2v_xml(xml)["osinfo"],
+        osinfo=guest.osinfo_id,
         host=host_name,
         seconds=done.seconds,
-        warnings=done.warnings,
+        warnings=done.warnings + ([f"guest OS: {guest.note}"] if guest.note else []),
     )
 
 
@@ -201,6 +239,7 @@ def import_task(
                 },
                 on_progress=progress.bytes,
                 wanted_type=host.domain_type,
+                osinfo=converted.osinfo,
             )
         result = ImportResult(
             domain_name=dom.name(),
@@ -266,18 +305,36 @@ def cleanup_run(request: MigrationRequest, run_id: str, flow_run_id: str, failed
     The flow calls it when it ends; the cancellation and crash hooks call it too.
     """
     logger = get_run_logger()
+    steps = [
+        ("the clone", lambda: _remove_clone(request, run_id)),
+        ("temporary files", lambda: _remove_run_dir(request, run_id)),
+    ]
+    if failed:
+        steps.append(("domains", lambda: _remove_run_domains(request, flow_run_id)))
+    if request.vcenter == _inline_block_name(run_id):
+        steps.append(("the inline vCenter block", lambda: VCenter.delete(request.vcenter)))
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - every step runs; each failure is reported
+            logger.error("cleanup of %s failed: %s", what, exc)
+
+
+def _remove_clone(request: MigrationRequest, run_id: str) -> None:
     vcenter = VCenter.load(request.vcenter)
-    try:
-        with vcenter.connect() as si:
-            removed = remove_clones(si, vc.datacenter(si, vcenter.datacenter), clone_name(run_id))
-        for moref in removed:
-            logger.info("removed the clone %s (%s)", clone_name(run_id), moref)
-    except Exception as exc:  # noqa: BLE001 - go on with the rest, then report
-        logger.error("could not remove clone %s: %s", clone_name(run_id), exc)
+    with vcenter.connect() as si:
+        removed = remove_clones(si, vc.datacenter(si, vcenter.datacenter), clone_name(run_id))
+    for moref in removed:
+        get_run_logger().info("removed the clone %s (%s)", clone_name(run_id), moref)
+
+
+def _remove_run_dir(request: MigrationRequest, run_id: str) -> None:
     storage = TemporaryStorage.load(request.temporary_storage)
     remove_tree(Path(storage.worker_path) / f"v2k-{run_id}", Path(storage.worker_path))
-    if not failed:
-        return
+
+
+def _remove_run_domains(request: MigrationRequest, flow_run_id: str) -> None:
+    logger = get_run_logger()
     seen: set[str] = set()
     for name, host in KvmCluster.load(request.cluster).load_hosts().items():
         try:
@@ -297,10 +354,29 @@ def cleanup_run(request: MigrationRequest, run_id: str, flow_run_id: str, failed
             conn.close()
 
 
+def _inline_block_name(run_id: str) -> str:
+    return f"v2k-inline-{run_id}"
+
+
+def _with_saved_source(request: MigrationRequest, run_id: str) -> MigrationRequest:
+    """An inline source becomes a transient VCenter block for this run only, so the tasks
+    refer to it by name like any other; cleanup_run deletes it."""
+    if request.vcenter_inline is None:
+        return request
+    name = _inline_block_name(run_id)
+    request.vcenter_inline.to_block().save(name, overwrite=True)
+    return request.model_copy(update={"vcenter": name, "vcenter_inline": None})
+
+
 def _cleanup_hook(flow, flow_run, state) -> None:
     """on_cancellation / on_crashed: the same cleanup as a failure inside the flow."""
     request = MigrationRequest.model_validate(flow_run.parameters["request"])
-    cleanup_run(request, _run_id(str(flow_run.id)), str(flow_run.id), failed=True)
+    run_id = _run_id(str(flow_run.id))
+    if request.vcenter_inline is not None:
+        request = request.model_copy(
+            update={"vcenter": _inline_block_name(run_id), "vcenter_inline": None}
+        )
+    cleanup_run(request, run_id, str(flow_run.id), failed=True)
 
 
 def _run_id(flow_run_id: str) -> str:
@@ -341,10 +417,32 @@ def _summary(result: MigrationResult) -> str:
 def migrate_vm(request: MigrationRequest) -> MigrationResult:
     """Migrate one VM: preflight, hosts, export, virt-v2v, libvirt import, boot check.
 
-    Nothing is left behind on failure: temporary files are removed, and a domain defined
-    by this run is undefined with its volumes. The source VM is only read.
+    Nothing is left behind on failure: the clone and temporary files are removed, and a
+    domain defined by this run is undefined with its volumes. The source VM is only read.
     """
-    logger = get_run_logger()
+    flow_run_id = str(flow_run.get_id() or uuid.uuid4())
+    run_id = _run_id(flow_run_id)
+    request = _with_saved_source(request, run_id)
+    try:
+        result = _run_stages(request, run_id)
+    except BaseException:
+        get_run_logger().error("migration of %s failed; cleaning up", request.vm)
+        cleanup_run(request, run_id, flow_run_id, failed=True)
+        raise
+    cleanup_run(request, run_id, flow_run_id, failed=False)
+    create_markdown_artifact(
+        _summary(result),
+        key=artifact_key("migration", result.source_moref),
+        description=result.vm,
+    )
+    get_run_logger().info(
+        "migrated %s to %s on %s", result.vm, result.domain_name, result.import_host
+    )
+    return result
+
+
+def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
+    """The stages in order, each timed; what they create is removed by cleanup_run."""
     load_blocks(request)
     settings = MigrationSettings.load(request.settings) if request.settings else MigrationSettings()
     storage = TemporaryStorage.load(request.temporary_storage)
@@ -366,63 +464,64 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
     spec, target = checked.spec, checked.target_name
     choice = timed(
         "select_hosts",
-        lambda: _staged(select_hosts_task, settings, "select_hosts")(request, spec),
+        lambda: _staged(select_hosts_task, settings, "select_hosts")(
+            request, spec, not settings.force_ms_export
+        ),
         lambda r: "; ".join(r.reasons),
     )
-    flow_run_id = str(flow_run.get_id() or uuid.uuid4())
-    run_id = _run_id(flow_run_id)
     run_key = artifact_key(spec.moref, run_id)
     run_dir = Path(storage.worker_path) / f"v2k-{run_id}"
-    try:
-        source = spec
-        if spec.power_state == "poweredOn":
-            source = timed(
-                "prepare_source",
-                lambda: _staged(prepare_source_task, settings, "export")(request, spec, run_id),
-                lambda r: f"clone {r.name} ({r.moref})",
-            )
-        exported = timed(
-            "export",
-            lambda: run_export(request.vcenter, source, run_dir / "export", settings, run_key),
-            lambda r: f"{sum(d.bytes for d in r.disks)} bytes in {len(r.disks)} disk(s)",
+    source = spec
+    if spec.power_state == "poweredOn":
+        source = timed(
+            "prepare_source",
+            lambda: _staged(prepare_source_task, settings, "export")(request, spec, run_id),
+            lambda r: f"clone {r.name} ({r.moref})",
         )
-        converted = timed(
-            "convert",
-            lambda: _staged(convert_task, settings, "convert")(
-                request,
-                spec,
-                exported,
-                choice.convert,
-                target,
-                str(run_dir / "out"),
-                settings,
-                run_key,
+    if choice.export:
+        export_call = lambda: _staged(ovftool_export_task, settings, "export")(  # noqa: E731
+            request, source, choice.export, str(run_dir / "export"), settings, run_key
+        )
+    else:
+        export_call = lambda: run_export(  # noqa: E731
+            request.vcenter, source, run_dir / "export", settings, run_key
+        )
+    exported = timed(
+        "export",
+        export_call,
+        lambda r: f"{sum(d.bytes for d in r.disks)} bytes in {len(r.disks)} disk(s)",
+    )
+    converted = timed(
+        "convert",
+        lambda: _staged(convert_task, settings, "convert")(
+            request,
+            spec,
+            exported,
+            choice.convert,
+            target,
+            str(run_dir / "out"),
+            settings,
+            run_key,
+        ),
+        lambda r: f"on {r.host}, osinfo {r.osinfo}",
+    )
+    imported = timed(
+        "import",
+        lambda: _staged(import_task, settings, "import")(
+            request, spec, converted, choice.import_, target, run_key
+        ),
+        lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
+    )
+    booted = None
+    if request.verify_boot:
+        booted = timed(
+            "verify",
+            lambda: _staged(verify_task, settings, "verify")(
+                choice.import_, imported.domain_name, settings.boot_timeout
             ),
-            lambda r: f"on {r.host}, osinfo {r.osinfo}",
+            lambda r: "login prompt seen",
         )
-        imported = timed(
-            "import",
-            lambda: _staged(import_task, settings, "import")(
-                request, spec, converted, choice.import_, target, run_key
-            ),
-            lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
-        )
-        booted = None
-        if request.verify_boot:
-            booted = timed(
-                "verify",
-                lambda: _staged(verify_task, settings, "verify")(
-                    choice.import_, imported.domain_name, settings.boot_timeout
-                ),
-                lambda r: "login prompt seen",
-            )
-    except BaseException:
-        logger.error("migration of %s failed; cleaning up", spec.name)
-        cleanup_run(request, run_id, flow_run_id, failed=True)
-        raise
-    cleanup_run(request, run_id, flow_run_id, failed=False)
-
-    result = MigrationResult(
+    return MigrationResult(
         vm=spec.inventory_path,
         source_moref=spec.moref,
         domain_name=imported.domain_name,
@@ -437,8 +536,3 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
         booted=booted,
         warnings=checked.warnings + converted.warnings,
     )
-    create_markdown_artifact(
-        _summary(result), key=artifact_key("migration", spec.moref), description=f"{spec.name}"
-    )
-    logger.info("migrated %s to %s on %s", spec.name, result.domain_name, result.import_host)
-    return result

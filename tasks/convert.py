@@ -56,17 +56,23 @@ def virt_v2v_argv(
 
 
 def wrapped_command(
-    argv: list[str], *, log_file: str, pid_file: str, timeout_seconds: float, env: dict[str, str]
+    argv: list[str],
+    *,
+    log_file: str | None,
+    pid_file: str,
+    timeout_seconds: float,
+    env: dict[str, str],
 ) -> str:
     """The remote command line: a hard timeout that kills the whole process group.
 
     `timeout` makes itself a process group leader and signals the group, so nbdkit and
     qemu children die with virt-v2v. Its pid is written first, so the worker can kill the
-    group too when the run is cancelled. fd 3 (progress events) goes to the SSH channel,
-    everything else to the log file.
+    group too when the run is cancelled. With a log file, fd 3 (virt-v2v's progress
+    events) goes to the SSH channel and everything else to the log file.
     """
     inner = remote(["timeout", "--kill-after=30", f"{int(timeout_seconds)}s", *argv], env=env)
-    script = f"echo $$ > {shlex.quote(pid_file)} && exec {inner} 3>&1 >{shlex.quote(log_file)} 2>&1"
+    redirect = f" 3>&1 >{shlex.quote(log_file)} 2>&1" if log_file else ""
+    script = f"echo $$ > {shlex.quote(pid_file)} && exec {inner}{redirect}"
     return f"sh -c {shlex.quote(script)}"
 
 

@@ -100,6 +100,8 @@ def choose_hosts(
     windows: bool,
     convert: str | None = None,
     import_: str | None = None,
+    export: str | None = None,
+    use_ovftool: bool = True,
     rng: random.Random | None = None,
 ) -> HostChoice:
     """Pick the convert and import hosts: the named ones if able, else at random among the able.
@@ -141,4 +143,39 @@ def choose_hosts(
 
     convert_host = pick("convert", convert, need_convert=True)
     import_host = pick("import", import_, need_convert=False)
-    return HostChoice(convert=convert_host, import_=import_host, probes=probes, reasons=reasons)
+    export_host = _pick_export(by_name, export, use_ovftool, convert_host, reasons)
+    return HostChoice(
+        convert=convert_host,
+        import_=import_host,
+        export=export_host,
+        probes=probes,
+        reasons=reasons,
+    )
+
+
+def _pick_export(
+    by_name: dict[str, HostProbe],
+    wanted: str | None,
+    use_ovftool: bool,
+    convert_host: str,
+    reasons: list[str],
+) -> str | None:
+    """The KVM host that exports with ovftool, or None for the worker's own export."""
+    if wanted is not None:
+        probe = by_name.get(wanted)
+        if probe is None:
+            raise HostSelectionError(f"export host {wanted!r} is not a host of the cluster")
+        if not probe.reachable or not probe.ovftool:
+            why = f"unreachable: {probe.error}" if not probe.reachable else "no ovftool"
+            raise HostSelectionError(f"export host {wanted!r} cannot be used: {why}")
+        reasons.append(f"export: {wanted} with ovftool (named)")
+        return wanted
+    able = sorted(n for n, p in by_name.items() if p.reachable and p.ovftool)
+    if not use_ovftool or not able:
+        why = "force_ms_export is set" if not use_ovftool else "no host has ovftool"
+        reasons.append(f"export: the worker, through the vSphere API ({why})")
+        return None
+    # The convert host reads the export fastest when it wrote it itself.
+    chosen = convert_host if convert_host in able else able[0]
+    reasons.append(f"export: {chosen} with ovftool (hosts with ovftool: {', '.join(able)})")
+    return chosen

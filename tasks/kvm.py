@@ -413,6 +413,7 @@ def import_disks_and_define(
     source_note: dict[str, str],
     on_progress: Callable[[int, int], None] | None = None,
     wanted_type: str = "auto",
+    osinfo: str | None = None,
 ) -> tuple[libvirt.virDomain, list[tuple[str, str]], str]:
     """Upload each converted disk into its pool, check it, and define the domain.
 
@@ -439,13 +440,16 @@ def import_disks_and_define(
             vol = upload_volume(conn, pool, vol_name, path, virtual_size, on_progress)
             created.append((pool_name, vol_name))
             check_volume(host_conn, vol.path())
+        v2v = parse_v2v_xml(v2v_xml)
+        # The caller's choice (virt-v2v's inspection, else the guestId table) wins.
+        v2v["osinfo"] = osinfo
         xml = domain_xml(
             name=target,
             spec=spec,
             dom_type=dom_type,
             volumes=created,
             nics=nics,
-            v2v=parse_v2v_xml(v2v_xml),
+            v2v=v2v,
             source_note=source_note,
         )
         dom = define_domain(conn, xml)

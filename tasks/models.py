@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from blocks.vcenter import InlineVCenter
 
 _LIBVIRT_NAME_BAD = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -25,7 +27,16 @@ def libvirt_name(source_name: str) -> str:
 class MigrationRequest(BaseModel):
     """What to migrate, from where, to where. The Prefect UI renders it as the run form."""
 
-    vcenter: str = Field(description="Name of the VCenter block of the source.")
+    vcenter: str | None = Field(
+        default=None, description="Name of the VCenter block of the source (or vcenter_inline)."
+    )
+    vcenter_inline: InlineVCenter | None = Field(
+        default=None,
+        description=(
+            "The source given inline instead of a saved block; its password comes from a "
+            "Prefect Secret block, never from the run's parameters."
+        ),
+    )
     vm: str = Field(
         description=(
             "The VM: its name, inventory path (`/DC/vm/Folder/Name`), moref (`vm-42`) "
@@ -56,10 +67,16 @@ class MigrationRequest(BaseModel):
 
     @field_validator("vm", "vcenter", "cluster", "temporary_storage")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MigrationRequest:
+        if (self.vcenter is None) == (self.vcenter_inline is None):
+            raise ValueError("give either vcenter (a VCenter block name) or vcenter_inline")
+        return self
 
     @field_validator("target_name")
     @classmethod
@@ -105,6 +122,9 @@ class VmSpec(BaseModel):
     moref: str
     instance_uuid: str | None
     inventory_path: str
+    inventory_names: list[str] = Field(
+        default_factory=list, description="Datacenter, folders and VM name, unescaped."
+    )
     guest_id: str | None
     guest_full_name: str | None = None
     power_state: Literal["poweredOn", "poweredOff", "suspended"]

@@ -77,14 +77,19 @@ def datacenter(si, name: str | None) -> vim.Datacenter:
     return found[0][0]
 
 
-def inventory_path(obj) -> str:
-    """`/DC/vm/Folder/Name` of a managed entity, as vCenter's FindByInventoryPath reads it."""
+def inventory_names(obj) -> list[str]:
+    """The names from the datacenter down to the entity, as they are (unescaped)."""
     parts = []
     while obj.parent is not None:
-        # vCenter escapes "/" inside a name, so the path stays unambiguous.
-        parts.append(obj.name.replace("/", "%2f"))
+        parts.append(obj.name)
         obj = obj.parent
-    return "/" + "/".join(reversed(parts))
+    return list(reversed(parts))
+
+
+def inventory_path(obj) -> str:
+    """`/DC/vm/Folder/Name` of a managed entity, as vCenter's FindByInventoryPath reads it."""
+    # vCenter escapes "/" inside a name, so the path stays unambiguous.
+    return "/" + "/".join(name.replace("/", "%2f") for name in inventory_names(obj))
 
 
 def find_vm(si, dc: vim.Datacenter, ref: str) -> vim.VirtualMachine:
@@ -255,6 +260,7 @@ def read_spec(si, vm: vim.VirtualMachine) -> VmSpec:
         moref=vm._moId,
         instance_uuid=config.instanceUuid,
         inventory_path=inventory_path(vm),
+        inventory_names=inventory_names(vm),
         guest_id=config.guestId,
         guest_full_name=config.guestFullName,
         power_state=str(values["runtime.powerState"]),

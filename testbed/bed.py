@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from testbed.inventory import DEFAULT_INVENTORY, apply_inventory, for_esx, load_inventory
 from testbed.kvmhosts import KvmHosts
 from testbed.libvirtd import Libvirtd, ssh_uri
+from testbed.netns_forward import LoopbackForwarder
 from testbed.vcsim import VcSim
 
 log = logging.getLogger("testbed")
@@ -44,6 +47,7 @@ class TestBed:
         esx: A standalone ESXi host instead of vCenter.
         slot: 0 to 4; test beds in different slots use different namespaces, addresses
             and libvirt names, so they can run at once on one machine.
+        ovftool_hosts: Hosts that get the ovftool stand-in on their PATH.
     """
 
     __test__ = False  # not a pytest test class
@@ -58,6 +62,7 @@ class TestBed:
         real_guest: bool = False,
         esx: bool = False,
         slot: int | None = None,
+        ovftool_hosts: tuple[str, ...] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.slot = default_slot() if slot is None else slot
@@ -83,6 +88,8 @@ class TestBed:
         self.esx = esx
         self.scratch = self.workdir / "scratch"
         self.applied = None
+        self.ovftool_hosts = ovftool_hosts
+        self._forwarders: list[LoopbackForwarder] = []
 
     def __enter__(self) -> TestBed:
         return self.start()
@@ -113,7 +120,14 @@ class TestBed:
                         work_dir=self.workdir / "images",
                     )
             if self.hosts:
+                # The hosts trust the simulator's CA, as real hosts trust vCenter's.
+                self.hosts.env["SSL_CERT_FILE"] = str(self.vcsim.ca_cert)
                 self.hosts.start()
+                self._install_ovftool()
+                for host in self.hosts.hosts:
+                    if host.netns:
+                        forwarder = LoopbackForwarder(host.netns, self.vcsim.port).start()
+                        self._forwarders.append(forwarder)
             if self.libvirtd:
                 self.libvirtd.start()
         except BaseException:
@@ -121,8 +135,21 @@ class TestBed:
             raise
         return self
 
+    def _install_ovftool(self) -> None:
+        for host in self.hosts.hosts:
+            if host.name in self.ovftool_hosts:
+                tool = host.bin_dir / "ovftool"
+                tool.write_text(
+                    "#!/bin/sh\n# Stand-in for VMware ovftool: see testbed/ovftool.py\n"
+                    f'exec {shlex.quote(sys.executable)} -m testbed.ovftool "$@"\n'
+                )
+                tool.chmod(0o755)
+
     def stop(self) -> None:
         """Stop every part; each is stopped even when another fails."""
+        for forwarder in self._forwarders:
+            forwarder.stop()
+        self._forwarders.clear()
         for part in (self.libvirtd, self.hosts, self.vcsim):
             if part is None:
                 continue

@@ -69,6 +69,11 @@ class HostInfo:
         return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
 
     @property
+    def bin_dir(self) -> Path:
+        """Directory first on this host's PATH (programs installed on this host only)."""
+        return self.workdir.parent / "bin"
+
+    @property
     def known_hosts_name(self) -> str:
         """The host's name as known_hosts spells it: `addr`, or `[addr]:port` off port 22."""
         return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
@@ -334,7 +339,16 @@ class KvmHosts:
             "LogLevel INFO",
             "Subsystem sftp internal-sftp",
         ]
-        env = {**self.env, "V2K_TESTBED_HOST": h.name, "V2K_TESTBED_WORKDIR": str(h.workdir)}
+        # Each host has a bin directory of its own first on PATH: tools installed on one
+        # test bed host (the ovftool stand-in) are not on the others.
+        bin_dir = h.workdir.parent / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **self.env,
+            "V2K_TESTBED_HOST": h.name,
+            "V2K_TESTBED_WORKDIR": str(h.workdir),
+            "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        }
         lines.append("SetEnv " + " ".join(f"{k}={v}" for k, v in env.items()))
         path = h.host_key.parent / "sshd_config"
         path.write_text("\n".join(lines) + "\n")

@@ -24,17 +24,34 @@ def bed(tmp_path_factory):
     """The whole test bed for the session: vcsim with the default inventory (the real
     Debian guest on `debian-stopped`), two KVM hosts and libvirtd.
 
-    It lives in slot 1, so the test bed tests that start their own parts in slot 0 can
-    run while it is up.
+    It lives in slot 1 (V2K_TEST_BED_SLOT), so the test bed tests that start their own
+    parts in slot 0 can run while it is up.
     """
     from testbed.bed import TestBed
 
     workdir = tmp_path_factory.mktemp("bed")
-    with TestBed(workdir, hosts=2, libvirt=True, real_guest=True, slot=1) as bed:
+    with TestBed(
+        workdir,
+        hosts=2,
+        libvirt=True,
+        real_guest=True,
+        slot=int(os.environ.get("V2K_TEST_BED_SLOT", "1")),
+        ovftool_hosts=("kvm2",),
+    ) as bed:
         yield bed
 
 
 @pytest.fixture(scope="session")
 def bed_blocks(bed, prefect_harness):
-    """The test bed's blocks saved in the Prefect test server: {kind: block name}."""
-    return bed.save_blocks("bed")
+    """The test bed's blocks saved in the Prefect test server: {kind: block name}.
+
+    `settings` forces the management export (the worker exports); `settings-ovftool`
+    lets the host with ovftool (kvm2) export.
+    """
+    from blocks import MigrationSettings
+
+    names = bed.save_blocks("bed")
+    MigrationSettings(force_ms_export=True).save(names["settings"], overwrite=True)
+    MigrationSettings(threads_on_kvm_host=2).save("bed-settings-ovftool", overwrite=True)
+    names["settings-ovftool"] = "bed-settings-ovftool"
+    return names

@@ -15,6 +15,7 @@ from prefect.client.orchestration import get_client
 from blocks import KvmCluster, KvmHost, TemporaryStorage
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
+from tasks.inventory import list_vms
 from tasks.hosts import HostSelectionError
 from tasks.models import MigrationRequest
 from tasks.preflight import PreflightError
@@ -44,7 +45,7 @@ def _state(bed) -> dict:
     pool = conn.storagePoolLookupByName(bed.libvirtd.pool)
     pool.refresh()
     with bed.vcsim.connect() as si:
-        vms = vc.list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
+        vms = list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
     return {
         "domains": sorted(d.name() for d in conn.listAllDomains()),
         "volumes": sorted(pool.listVolumes()),

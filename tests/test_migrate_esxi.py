@@ -3,10 +3,13 @@ through the export, running VMs are refused because ESXi cannot clone."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
+from tasks.inventory import list_vms
 from tasks.models import MigrationRequest
 from tasks.preflight import PreflightError
 from testbed.bed import TestBed
@@ -14,7 +17,10 @@ from testbed.bed import TestBed
 
 @pytest.fixture(scope="module")
 def esxi(tmp_path_factory, prefect_harness):
-    with TestBed(tmp_path_factory.mktemp("esxi"), hosts=1, libvirt=True, esx=True, slot=4) as bed:
+    slot = int(os.environ.get("V2K_TEST_ESXI_SLOT", "4"))
+    with TestBed(
+        tmp_path_factory.mktemp("esxi"), hosts=1, libvirt=True, esx=True, slot=slot
+    ) as bed:
         yield bed, bed.save_blocks("esxi")
 
 
@@ -32,7 +38,7 @@ def _vms(bed) -> list[tuple[str, str]]:
     with bed.vcsim.connect() as si:
         return sorted(
             (v.path, v.power_state)
-            for v in vc.list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
+            for v in list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
         )
 
 

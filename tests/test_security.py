@@ -163,3 +163,40 @@ def test_convert_timeout_kills_the_remote_process_tree(bed, bed_blocks):
     assert not list(Path(bed.scratch).iterdir())
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(bed.scratch) not in out
+
+
+def test_inline_vcenter_password_stays_out_of_the_api(bed, bed_blocks):
+    from prefect.blocks.system import Secret
+
+    from blocks.vcenter import InlineVCenter
+
+    secret = f"vc-password-{uuid.uuid4().hex[:6]}"
+    Secret(value=bed.vcsim.password).save(secret)
+    inline = InlineVCenter(
+        host=bed.vcsim.host,
+        port=bed.vcsim.port,
+        username=bed.vcsim.user,
+        password_secret=secret,
+        ca_cert=Path(bed.vcsim.ca_cert).read_text(),
+    )
+    request = MigrationRequest(
+        vcenter_inline=inline,
+        vm="win2019-running",
+        cluster=bed_blocks["cluster"],
+        temporary_storage=bed_blocks["scratch"],
+    )
+    with pytest.raises(Exception, match="Windows VM 'win2019-running' is running"):
+        migrate_vm(request)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        logs = client.read_logs()
+        blocks = client.read_block_documents()
+    assert any(r.parameters.get("request", {}).get("vcenter_inline") for r in runs)
+    text = " ".join([str(r.parameters) for r in runs] + [log.message for log in logs])
+    assert bed.vcsim.password not in text
+    assert not [b.name for b in blocks if (b.name or "").startswith("v2k-inline-")]
+
+
+def test_request_needs_exactly_one_source(bed_blocks):
+    with pytest.raises(ValueError, match="either vcenter"):
+        MigrationRequest(vm="x", cluster="c", temporary_storage="t")

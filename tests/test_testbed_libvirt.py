@@ -149,7 +149,8 @@ def test_tiny_domain_starts_with_a_pool_disk(lv, conn):
 
 
 def test_second_bed_shares_the_daemon_and_cleans_up_its_own(lv, conn, tmp_path):
-    other = Libvirtd(tmp_path, prefix="v2kt-", ip_prefix="10.252").start()
+    # 10.240: outside every test bed slot (hosts 10.246-10.250, libvirt 10.251-10.255).
+    other = Libvirtd(tmp_path, prefix="v2kt-", ip_prefix="10.240").start()
     try:
         assert other.owned == {"virtlogd": False, "libvirtd": False}
         assert other.pool == "v2kt-pool"

@@ -1,0 +1,152 @@
+"""Export on a KVM host with ovftool: the vi:// locator, the command, the password by stdin."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from urllib.parse import quote
+
+from invoke.watchers import Responder
+
+from blocks import VCenter
+from tasks.convert import kill_group, wrapped_command
+from tasks.hosts import remote
+from tasks.models import ExportedDisk, ExportResult, VmSpec
+
+_PERCENT = re.compile(r"(\d{1,3})%")
+_LIST_OVF = 'ls -d -- "$1"/*/*.ovf'  # the target directory comes in as $1, never in the script
+
+
+class OvftoolError(RuntimeError):
+    """ovftool failed; the message carries its own error lines, never the password."""
+
+
+def locator(vcenter: VCenter, spec: VmSpec) -> str:
+    """`vi://USER@HOST:PORT/DC/vm/Folder/VM`, every part URL-encoded, with no password.
+
+    Encoding each name on its own keeps spaces, quotes, `#`, `%`, `/` and non-ASCII in
+    VM and folder names from breaking the locator (CloudStack's users hit exactly that).
+    """
+    path = "/".join(quote(name, safe="") for name in spec.inventory_names)
+    return f"vi://{quote(vcenter.username, safe='')}@{vcenter.host}:{vcenter.port}/{path}"
+
+
+def ovftool_argv(vcenter: VCenter, spec: VmSpec, target_dir: str, threads: int | None) -> list[str]:
+    argv = ["ovftool", "--acceptAllEulas", "--X:logLevel=warning"]
+    if not vcenter.verify_tls:
+        argv.append("--noSSLVerify")
+    if threads is not None:
+        argv.append(f"--parallelThreads={threads}")
+    return argv + [locator(vcenter, spec), target_dir]
+
+
+class _ProgressSink:
+    """fabric out_stream: turns `Disk progress: N%` into progress reports, keeps the text."""
+
+    def __init__(self, on_percent) -> None:
+        self.on_percent = on_percent
+        self.text = ""
+
+    def write(self, data: str) -> int:
+        self.text += data
+        for match in _PERCENT.finditer(data):
+            self.on_percent(int(match.group(1)))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def run_ovftool(
+    conn,
+    vcenter: VCenter,
+    spec: VmSpec,
+    *,
+    target_dir: str,
+    threads: int | None,
+    timeout_seconds: float,
+    env: dict[str, str],
+    on_percent,
+) -> str:
+    """Run ovftool on the host behind `conn`; return the directory holding the .ovf.
+
+    The password goes to ovftool's `Password:` prompt through stdin (a fabric watcher),
+    so it is never in the remote argv, the environment, or a file.
+
+    Raises:
+        OvftoolError: ovftool failed or timed out (killed with its children).
+    """
+    argv = ovftool_argv(vcenter, spec, target_dir, threads)
+    conn.run(remote(["mkdir", "-p", "--", target_dir]), hide=True, in_stream=False, timeout=60)
+    pid_file = f"{target_dir}/.ovftool.pid"
+    command = wrapped_command(
+        argv, log_file=None, pid_file=pid_file, timeout_seconds=timeout_seconds, env=env
+    )
+    answer = Responder(pattern=r"Password:", response=vcenter.password.get_secret_value() + "\n")
+    sink = _ProgressSink(on_percent)
+    try:
+        result = conn.run(
+            command,
+            watchers=[answer],
+            out_stream=sink,
+            err_stream=sink,
+            warn=True,
+            pty=False,
+            in_stream=False,
+            timeout=timeout_seconds + 120,
+        )
+    except BaseException:
+        kill_group(conn, pid_file)
+        raise
+    secret = vcenter.password.get_secret_value()
+    output = sink.text.replace(secret, "***")
+    if result.exited in (124, 137):
+        raise OvftoolError(
+            f"ovftool did not finish in {timeout_seconds:.0f} s (convert_timeout) and was killed"
+        )
+    if result.exited != 0:
+        errors = [line for line in output.splitlines() if line.startswith("Error")]
+        raise OvftoolError(
+            f"ovftool exited {result.exited}: {'; '.join(errors) or output.strip()[-500:]}"
+        )
+    found = conn.run(
+        f"sh -c {shlex.quote(_LIST_OVF)} sh {shlex.quote(target_dir)}",
+        hide=True,
+        warn=True,
+        in_stream=False,
+        timeout=60,
+    ).stdout.splitlines()
+    if len(found) != 1:
+        raise OvftoolError(f"ovftool wrote {len(found)} descriptors under {target_dir}, not 1")
+    return found[0].rsplit("/", 1)[0]
+
+
+def exported_from_manifest(directory: Path, source_moref: str) -> ExportResult:
+    """Describe what ovftool wrote (as the worker sees it), with its manifest's checksums."""
+    ovf = next(directory.glob("*.ovf"))
+    sums: dict[str, str] = {}
+    for manifest in directory.glob("*.mf"):
+        for line in manifest.read_text().splitlines():
+            match = re.match(r"SHA256\((.+)\)=\s*([0-9a-f]+)", line)
+            if match:
+                sums[match.group(1)] = match.group(2)
+    disks = [
+        ExportedDisk(
+            key=index,
+            file_name=path.name,
+            bytes=path.stat().st_size,
+            sha256=sums.get(path.name, ""),
+            seconds=0.0,
+        )
+        for index, path in enumerate(sorted(directory.glob("*.vmdk"), key=_disk_number))
+    ]
+    return ExportResult(
+        directory=str(directory), ovf=ovf.name, disks=disks, source_moref=source_moref
+    )
+
+
+def _disk_number(path: Path) -> int:
+    """ovftool names disks NAME-disk1.vmdk, NAME-disk2.vmdk, ...: order by that number."""
+    numbers = re.findall(r"\d+", path.stem)
+    return int(numbers[-1]) if numbers else 0
