@@ -325,31 +325,41 @@ def _host_rules(conn, host: str, spec: VmSpec, target_name: str, cluster: KvmClu
                     fix="remove or change that domain's NIC; v2k keeps the source MACs",
                 )
             )
-    try:
-        free = kvm.pool_free_bytes(conn, cluster.storage_pool)
-    except kvm.KvmImportError as exc:
-        concerns.append(
-            Concern(
-                rule="storage-pool",
-                severity="critical",
-                message=f"{host}: {exc}.",
-                fix="create and start the pool, or fix storage_pool in the cluster block",
+    for pool, needed in pool_needs(spec, cluster).items():
+        try:
+            free = kvm.pool_free_bytes(conn, pool)
+        except kvm.KvmImportError as exc:
+            concerns.append(
+                Concern(
+                    rule="storage-pool",
+                    severity="critical",
+                    message=f"{host}: {exc}.",
+                    fix="create and start the pool, or fix the cluster's storage_pool/storage_map",
+                )
             )
-        )
-    else:
-        if free < spec.total_disk_bytes:
+            continue
+        if free < needed:
             concerns.append(
                 Concern(
                     rule="destination-space",
                     severity="critical",
                     message=(
-                        f"pool {cluster.storage_pool!r} on {host} has {free} bytes free, the "
-                        f"disks need up to {spec.total_disk_bytes}."
+                        f"pool {pool!r} on {host} has {free} bytes free, the disks that land "
+                        f"there need up to {needed}."
                     ),
-                    fix="free space in the pool or choose another pool",
+                    fix="free space in the pool or map the datastore to another pool",
                 )
             )
     return concerns
+
+
+def pool_needs(spec: VmSpec, cluster: KvmCluster) -> dict[str, int]:
+    """Bytes each destination pool receives, after the cluster's storage map."""
+    needs: dict[str, int] = {}
+    for disk in spec.disks:
+        pool = cluster.storage_map.get(disk.datastore, cluster.storage_pool)
+        needs[pool] = needs.get(pool, 0) + disk.capacity_bytes
+    return needs
 
 
 class BlockNotFound(LookupError):

@@ -79,3 +79,36 @@ def test_rdm_and_independent_disks_are_critical():
     assert found["rdm-disk"][0] == "critical" and "Hard disk 2" in found["rdm-disk"][1]
     assert found["independent-disk"][0] == "critical"
     assert "Hard disk 3" in found["independent-disk"][1]
+
+
+def test_uefi_guest_needs_ovmf_on_the_import_host():
+    from tasks.models import HostProbe
+    from tasks.preflight import host_rules
+
+    bare = HostProbe(name="kvm9", reachable=True)
+    efi = _spec(firmware="efi")
+    assert [c.rule for c in host_rules(efi, bare)] == ["no-ovmf"]
+    plain = bare.model_copy(update={"ovmf": True})
+    assert host_rules(efi, plain) == []
+    secure = _spec(firmware="efi", secure_boot=True)
+    concern = host_rules(secure, plain)[0]
+    assert (concern.rule, concern.severity) == ("no-secure-boot-ovmf", "critical")
+    assert host_rules(secure, plain.model_copy(update={"ovmf_secure_boot": True})) == []
+    assert host_rules(_spec(), bare) == []
+
+
+def test_pool_needs_follow_the_storage_map():
+    from blocks import KvmCluster
+    from tasks.preflight import pool_needs
+
+    disk = _spec().disks[0]
+    other = disk.model_copy(update={"datastore": "ds2", "capacity_bytes": 5 << 20})
+    cluster = KvmCluster(hosts=["h"], storage_pool="main", storage_map={"ds2": "fast"})
+    assert pool_needs(_spec(disks=[disk, other]), cluster) == {"main": 1 << 20, "fast": 5 << 20}
+
+
+def test_guest_os_that_virt_v2v_does_not_convert_is_a_warning():
+    found = _rules(_spec(guest_id="solaris11_64Guest", guest_full_name="Oracle Solaris 11"))
+    assert found["guest-os"][0] == "warning" and "Linux and Windows" in found["guest-os"][1]
+    assert "guest-os" not in _rules(_spec(guest_id="rhel9_64Guest"))
+    assert "guest-os" not in _rules(_spec(guest_id="windows2019srv_64Guest"))
