@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Every HTTP request and SSH handshake at INFO would bury the progress lines.
+    for chatty in ("httpx", "paramiko"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     return args.func(args)
 
 
