@@ -50,6 +50,7 @@ from tasks.preflight import (
     refuse_critical,
 )
 from tasks.progress import Progress, artifact_key
+from tasks.retries import retry_unless
 from tasks.source import clone_for_export, clone_name, remove_clones
 from tasks.vcenter import SourceError
 
@@ -65,15 +66,8 @@ USER_ERRORS = (
 )
 
 
-def transient_only(task, task_run, state) -> bool:
-    """Retry condition: retry network and host faults, never a refusal or a user error."""
-    try:
-        state.result()
-    except USER_ERRORS:
-        return False
-    except Exception:  # noqa: BLE001 - anything else may pass on a second try
-        return True
-    return True
+# Retry network and host faults, never a refusal or a user error.
+transient_only = retry_unless(*USER_ERRORS)
 
 
 def _staged(fn, settings: MigrationSettings, stage: str):

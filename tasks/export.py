@@ -15,6 +15,7 @@ from blocks import MigrationSettings, VCenter
 from tasks import vcenter as vc
 from tasks.models import ExportedDisk, ExportResult, VmSpec
 from tasks.progress import Progress, artifact_key
+from tasks.retries import retry_unless
 from tasks.transfer import download
 
 OVF_NAME = "vm.ovf"
@@ -33,21 +34,11 @@ class ExportAborted(RuntimeError):
     """Another disk of the same export failed, so the lease is gone; not worth a retry."""
 
 
-def _retry_unless_aborted(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except ExportAborted:
-        return False
-    except Exception:  # noqa: BLE001 - other faults may pass on a second try
-        return True
-    return True
-
-
 @task(
     name="download-disk",
     task_run_name="download-disk-{index}",
     cache_policy=NO_CACHE,
-    retry_condition_fn=_retry_unless_aborted,
+    retry_condition_fn=retry_unless(ExportAborted),
 )
 def download_disk(
     index: int,

@@ -15,28 +15,16 @@ from prefect.client.orchestration import get_client
 from blocks import KvmCluster, KvmHost, TemporaryStorage
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
-from tasks.inventory import list_vms
 from tasks.hosts import HostSelectionError
-from tasks.models import MigrationRequest
+from tasks.inventory import list_vms
 from tasks.preflight import PreflightError
 from tasks.vcenter import SourceError
+from testbed.testing import request_for
 
 DUMMY_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>
 <os><type arch='x86_64'>hvm</type></os><devices>
 <interface type='network'><mac address='{mac}'/><source network='{network}'/></interface>
 </devices></domain>"""
-
-
-def _request(blocks: dict[str, str], vm: str, **overrides) -> MigrationRequest:
-    values = dict(
-        vcenter=blocks["vcenter"],
-        vm=vm,
-        cluster=blocks["cluster"],
-        temporary_storage=blocks["scratch"],
-        settings=blocks["settings"],
-    )
-    values.update(overrides)
-    return MigrationRequest(**values)
 
 
 def _state(bed) -> dict:
@@ -87,19 +75,19 @@ def _save(block, prefix: str) -> str:
 
 def test_vm_not_found(bed_blocks, unchanged):
     with pytest.raises(SourceError, match="no VM named 'no-such-vm'"):
-        migrate_vm(_request(bed_blocks, "no-such-vm"))
+        migrate_vm(request_for(bed_blocks, "no-such-vm"))
 
 
 def test_running_windows_refused(bed_blocks, unchanged):
     with pytest.raises(PreflightError, match="Windows VM 'win2019-running' is running.*gracefully"):
-        migrate_vm(_request(bed_blocks, "win2019-running"))
+        migrate_vm(request_for(bed_blocks, "win2019-running"))
 
 
 def test_running_linux_exports_a_clone_that_is_removed_after_a_failure(bed_blocks, unchanged):
     # The clone is exported (the source keeps running, untouched); virt-v2v then fails on
     # the synthetic disk, and the clone is gone afterwards (checked by `unchanged`).
     with pytest.raises(Exception, match="virt-v2v exited 1"):
-        migrate_vm(_request(bed_blocks, "debian-running"))
+        migrate_vm(request_for(bed_blocks, "debian-running"))
 
 
 def test_windows_needs_virtio_win_on_the_convert_host(bed, bed_blocks, tmp_path):
@@ -120,7 +108,7 @@ def test_windows_needs_virtio_win_on_the_convert_host(bed, bed_blocks, tmp_path)
 
 def test_independent_disk_refused(bed_blocks, unchanged):
     with pytest.raises(PreflightError, match="independent_persistent.*dependent"):
-        migrate_vm(_request(bed_blocks, "independent-disk"))
+        migrate_vm(request_for(bed_blocks, "independent-disk"))
 
 
 def test_ambiguous_name_lists_paths(bed, bed_blocks):
@@ -137,7 +125,7 @@ def test_ambiguous_name_lists_paths(bed, bed_blocks):
         twin = vc.wait_for_task(folder.CreateVM_Task(config=spec, pool=pool), 60)
         try:
             with pytest.raises(SourceError, match="2 VMs are named 'win2019-stopped'.*Windows"):
-                migrate_vm(_request(bed_blocks, "win2019-stopped"))
+                migrate_vm(request_for(bed_blocks, "win2019-stopped"))
         finally:
             vc.wait_for_task(twin.Destroy_Task(), 60)
 
@@ -145,31 +133,31 @@ def test_ambiguous_name_lists_paths(bed, bed_blocks):
 def test_target_name_taken_refused(bed_blocks, unchanged, dummy_domain):
     taken = dummy_domain("taken-name")
     with pytest.raises(PreflightError, match="'taken-name' is already defined"):
-        migrate_vm(_request(bed_blocks, "win2019-stopped", target_name=taken))
+        migrate_vm(request_for(bed_blocks, "win2019-stopped", target_name=taken))
 
 
 def test_mac_in_use_refused(bed_blocks, unchanged, dummy_domain):
     dummy_domain("mac-holder", mac="00:50:56:01:00:04")
     with pytest.raises(PreflightError, match="MAC 00:50:56:01:00:04.*'mac-holder'"):
-        migrate_vm(_request(bed_blocks, "win2019-stopped"))
+        migrate_vm(request_for(bed_blocks, "win2019-stopped"))
 
 
 def test_unmapped_portgroup_refused(bed, bed_blocks, unchanged):
     cluster = KvmCluster.load(bed_blocks["cluster"]).model_copy(update={"network_map": {}})
     name = _save(KvmCluster(hosts=cluster.hosts, storage_pool=cluster.storage_pool), "nomap")
     with pytest.raises(PreflightError, match="port group 'VM Network'.*network_map"):
-        migrate_vm(_request(bed_blocks, "win2019-stopped", cluster=name))
+        migrate_vm(request_for(bed_blocks, "win2019-stopped", cluster=name))
 
 
 def test_temporary_space_refused(bed, bed_blocks, unchanged):
     name = _save(TemporaryStorage(worker_path=str(bed.scratch), reserve_bytes=1 << 60), "full")
     with pytest.raises(PreflightError, match="temporary storage .* bytes free"):
-        migrate_vm(_request(bed_blocks, "win2019-stopped", temporary_storage=name))
+        migrate_vm(request_for(bed_blocks, "win2019-stopped", temporary_storage=name))
 
 
 def test_named_host_must_exist_and_be_able(bed, bed_blocks, unchanged):
     with pytest.raises(HostSelectionError, match="'nope' is not a host of the cluster"):
-        migrate_vm(_request(bed_blocks, "win2019-stopped", convert_host="nope"))
+        migrate_vm(request_for(bed_blocks, "win2019-stopped", convert_host="nope"))
 
     real = KvmHost.load(bed_blocks["kvm1"])
     dead = _save(real.model_copy(update={"port": 1, "libvirt_uri": None}), "dead")
@@ -181,18 +169,18 @@ def test_named_host_must_exist_and_be_able(bed, bed_blocks, unchanged):
         "deadcluster",
     )
     with pytest.raises(HostSelectionError, match="no host of the cluster can convert.*unreachable"):
-        migrate_vm(_request(bed_blocks, "win2019-stopped", cluster=name))
+        migrate_vm(request_for(bed_blocks, "win2019-stopped", cluster=name))
 
 
 def test_failed_conversion_leaves_nothing(bed_blocks, unchanged):
     # A synthetic disk holds no OS: the real virt-v2v fails in inspection, after the export.
     with pytest.raises(Exception, match="virt-v2v exited 1: inspection could not detect"):
-        migrate_vm(_request(bed_blocks, "Prod/Web/web server 01"))
+        migrate_vm(request_for(bed_blocks, "Prod/Web/web server 01"))
 
 
 @pytest.mark.slow
 def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged):
-    result = migrate_vm(_request(bed_blocks, "debian-stopped", verify_boot=True))
+    result = migrate_vm(request_for(bed_blocks, "debian-stopped", verify_boot=True))
     conn = bed.libvirtd.conn
     try:
         dom = conn.lookupByName(result.domain_name)

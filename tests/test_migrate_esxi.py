@@ -10,9 +10,9 @@ import pytest
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
 from tasks.inventory import list_vms
-from tasks.models import MigrationRequest
 from tasks.preflight import PreflightError
 from testbed.bed import TestBed
+from testbed.testing import request_for
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +24,10 @@ def esxi(tmp_path_factory, prefect_harness):
         yield bed, bed.save_blocks("esxi")
 
 
-def _request(blocks, vm: str) -> MigrationRequest:
-    return MigrationRequest(
-        vcenter=blocks["vcenter"],
-        vm=vm,
-        cluster=blocks["cluster"],
-        temporary_storage=blocks["scratch"],
-        settings=blocks["settings"],
-    )
-
-
 def _vms(bed) -> list[tuple[str, str]]:
     with bed.vcsim.connect() as si:
         return sorted(
-            (v.path, v.power_state)
-            for v in list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
+            (v.path, v.power_state) for v in list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
         )
 
 
@@ -54,7 +43,7 @@ def test_running_vm_on_esxi_refused(esxi):
     bed, blocks = esxi
     before = _vms(bed)
     with pytest.raises(PreflightError, match="standalone ESXi host, which cannot clone"):
-        migrate_vm(_request(blocks, "debian-running"))
+        migrate_vm(request_for(blocks, "debian-running"))
     assert _vms(bed) == before
 
 
@@ -63,6 +52,6 @@ def test_stopped_vm_on_esxi_is_exported_and_converted(esxi):
     before = _vms(bed)
     # The export from ESXi works; virt-v2v then refuses the synthetic disk (no OS on it).
     with pytest.raises(Exception, match="virt-v2v exited 1: inspection could not detect"):
-        migrate_vm(_request(blocks, "web server 01"))
+        migrate_vm(request_for(blocks, "web server 01"))
     assert _vms(bed) == before
     assert not list(bed.scratch.iterdir())

@@ -11,22 +11,12 @@ from flows.cli import app
 from flows.migrate import migrate_vm
 from flows.plan import plan
 from tasks.hosts import HostSelectionError
-from tasks.models import MigrationRequest
 from tasks.preflight import PreflightError
-
-
-def _request(blocks, vm: str) -> MigrationRequest:
-    return MigrationRequest(
-        vcenter=blocks["vcenter"],
-        vm=vm,
-        cluster=blocks["cluster"],
-        temporary_storage=blocks["scratch"],
-        settings=blocks["settings"],
-    )
+from testbed.testing import request_for
 
 
 def test_plan_of_a_ready_vm(bed, bed_blocks):
-    result = plan(_request(bed_blocks, "multi-disk-efi"))
+    result = plan(request_for(bed_blocks, "multi-disk-efi"))
     assert result.critical == []
     assert result.target_name == "multi-disk-efi"
     assert [n.target for n in result.nics] == [
@@ -42,7 +32,7 @@ def test_plan_of_a_ready_vm(bed, bed_blocks):
 
 
 def test_plan_lists_every_concern_with_a_fix(bed_blocks):
-    result = plan(_request(bed_blocks, "win2019-running"))
+    result = plan(request_for(bed_blocks, "win2019-running"))
     rules = {c.rule: c for c in result.concerns}
     assert rules["running-windows"].severity == "critical"
     assert rules["hosts"].severity == "critical" and "virtio-win" in rules["hosts"].message
@@ -50,7 +40,7 @@ def test_plan_lists_every_concern_with_a_fix(bed_blocks):
 
 
 def test_plan_warns_about_a_name_libvirt_cannot_take(bed_blocks):
-    result = plan(_request(bed_blocks, "Prod/Web/web server 01"))
+    result = plan(request_for(bed_blocks, "Prod/Web/web server 01"))
     rules = {c.rule: c for c in result.concerns}
     assert rules["domain-name"].severity == "warning"
     assert "'web-server-01'" in rules["domain-name"].message
@@ -59,10 +49,10 @@ def test_plan_warns_about_a_name_libvirt_cannot_take(bed_blocks):
 
 @pytest.mark.parametrize("vm", ["win2019-running", "independent-disk", "win2019-stopped"])
 def test_plan_and_migrate_agree_on_refusals(bed_blocks, vm):
-    result = plan(_request(bed_blocks, vm))
+    result = plan(request_for(bed_blocks, vm))
     assert result.critical, vm
     with pytest.raises((PreflightError, HostSelectionError)) as refused:
-        migrate_vm(_request(bed_blocks, vm))
+        migrate_vm(request_for(bed_blocks, vm))
     first = result.critical[0]
     assert first.message.split(":")[0][:30] in str(refused.value)
 

@@ -20,25 +20,14 @@ from tasks.hosts import HostSelectionError, choose_hosts, probe_host
 from tasks.models import MigrationRequest
 from tasks.preflight import BlockNotFound
 from tasks.source import remove_clones
+from testbed.testing import request_for
 
 HOSTILE = "web 'x';$(touch /tmp/v2k-pwned)`touch /tmp/v2k-pwned2`../ü\nend"
 MARKERS = [Path("/tmp/v2k-pwned"), Path("/tmp/v2k-pwned2")]
 
 
-def _request(blocks, vm: str, **overrides) -> MigrationRequest:
-    values = dict(
-        vcenter=blocks["vcenter"],
-        vm=vm,
-        cluster=blocks["cluster"],
-        temporary_storage=blocks["scratch"],
-        settings=blocks["settings"],
-    )
-    values.update(overrides)
-    return MigrationRequest(**values)
-
-
 def test_unknown_block_names_are_listed(bed_blocks):
-    request = _request(bed_blocks, "x", vcenter="no-such-vc", cluster="no-such-cluster")
+    request = request_for(bed_blocks, "x", vcenter="no-such-vc", cluster="no-such-cluster")
     with pytest.raises(BlockNotFound) as err:
         migrate_vm(request)
     assert "no VCenter block named 'no-such-vc'" in str(err.value)
@@ -131,7 +120,7 @@ def test_hostile_name_and_secrets_never_leak(bed, bed_blocks, hostile_vm):
     try:
         # The whole path runs; virt-v2v then refuses the synthetic disk in inspection.
         with pytest.raises(Exception, match="virt-v2v exited 1: inspection") as err:
-            migrate_vm(_request(bed_blocks, hostile_vm))
+            migrate_vm(request_for(bed_blocks, hostile_vm))
     finally:
         stop.set()
         sampler.join()
@@ -156,7 +145,7 @@ def test_convert_timeout_kills_the_remote_process_tree(bed, bed_blocks):
     name = f"fast-timeout-{uuid.uuid4().hex[:6]}"
     MigrationSettings(convert_timeout=8 / 3600).save(name)
     with pytest.raises(Exception, match="did not finish in 8 s"):
-        migrate_vm(_request(bed_blocks, "Prod/Web/web server 01", settings=name))
+        migrate_vm(request_for(bed_blocks, "Prod/Web/web server 01", settings=name))
     time.sleep(1)
     left = [c for c in _cmdlines() if str(bed.scratch) in c]
     assert not left, left
