@@ -2,7 +2,7 @@
 # Both run `make setup` first, which installs what is missing and is safe to repeat.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench serve clean
 
 setup:
 	bash testbed/setup.sh
@@ -22,6 +22,11 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench
+
+# A local Prefect server with the blocks, deployments and a worker, and a test bed to
+# migrate from: prints the UI address, Ctrl-C stops it all.
+serve: setup
+	.venv/bin/v2k serve --testbed
 
 clean:
 	-$(PY) -m testbed down

@@ -223,6 +223,9 @@ def wave(
     verify_boot: bool | None = typer.Option(None, help="Boot each migrated domain."),
     per_esxi_host: int | None = typer.Option(None, min=1, help="Set the per-ESXi-host cap."),
     per_kvm_host: int | None = typer.Option(None, min=1, help="Set the per-KVM-host cap."),
+    spread: bool = typer.Option(
+        False, help="Each VM as its own migrate-vm deployment run: every worker takes a share."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     via_deployment: bool = typer.Option(
         False, help="Start a run of the wave deployment (workers run it) and follow it."
@@ -255,11 +258,12 @@ def wave(
         verify_boot=verify_boot,
         per_esxi_host=per_esxi_host,
         per_kvm_host=per_kvm_host,
+        via_deployment=spread,
     )
     if via_deployment:
         from deployments.runs import WAVE
 
-        parameters = {k: v for k, v in params.items() if v is not None}
+        parameters = {k: v for k, v in params.items() if v not in (None, False)}
         if file:
             from pathlib import Path
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 from pydantic import ValidationError
 
@@ -21,7 +22,7 @@ from blocks import (
     VCenter,
 )
 from blocks.vcenter import VCenterError
-from tasks import kvm
+from tasks import events, kvm
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree
 from tasks.convert import convert_vm
@@ -406,7 +407,8 @@ def _summary(result: MigrationResult) -> str:
     name="migrate-vm",
     flow_run_name="migrate-{request.vm}",
     on_cancellation=[_cleanup_hook],
-    on_crashed=[_cleanup_hook],
+    on_crashed=[_cleanup_hook, events.failed_hook],
+    on_failure=[events.failed_hook],
 )
 def migrate_vm(request: MigrationRequest) -> MigrationResult:
     """Migrate one VM: preflight, hosts, export, virt-v2v, libvirt import, boot check.
@@ -456,6 +458,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         lambda r: f"{r.spec.inventory_path} -> {r.target_name}",
     )
     spec, target = checked.spec, checked.target_name
+    events.bind(spec)
     choice = timed(
         "select_hosts",
         lambda: _staged(select_hosts_task, settings, "select_hosts")(
@@ -485,26 +488,46 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         export_call,
         lambda r: f"{sum(d.bytes for d in r.disks)} bytes in {len(r.disks)} disk(s)",
     )
-    converted = timed(
-        "convert",
-        lambda: _staged(convert_task, settings, "convert")(
-            request,
-            spec,
-            exported,
-            choice.convert,
-            target,
-            str(run_dir / "out"),
-            settings,
-            run_key,
-        ),
-        lambda r: f"on {r.host}, osinfo {r.osinfo}",
+    events.emit(
+        "exported",
+        spec,
+        bytes=sum(d.bytes for d in exported.disks),
+        disks=len(exported.disks),
+        seconds=stages[-1].seconds,
     )
-    imported = timed(
-        "import",
-        lambda: _staged(import_task, settings, "import")(
-            request, spec, converted, choice.import_, target, run_key
-        ),
-        lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
+    # Caps per KVM host across all runs and workers (limits created by waves or by hand).
+    with concurrency(f"v2k-kvm-{choice.convert}", occupy=1, strict=False):
+        converted = timed(
+            "convert",
+            lambda: _staged(convert_task, settings, "convert")(
+                request,
+                spec,
+                exported,
+                choice.convert,
+                target,
+                str(run_dir / "out"),
+                settings,
+                run_key,
+            ),
+            lambda r: f"on {r.host}, osinfo {r.osinfo}",
+        )
+    events.emit(
+        "converted", spec, host=converted.host, osinfo=converted.osinfo, seconds=converted.seconds
+    )
+    with concurrency(f"v2k-kvm-{choice.import_}", occupy=1, strict=False):
+        imported = timed(
+            "import",
+            lambda: _staged(import_task, settings, "import")(
+                request, spec, converted, choice.import_, target, run_key
+            ),
+            lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
+        )
+    events.emit(
+        "imported",
+        spec,
+        host=imported.host,
+        domain=imported.domain_name,
+        domain_uuid=imported.domain_uuid,
     )
     booted = None
     if request.verify_boot:
@@ -515,6 +538,8 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
             ),
             lambda r: "login prompt seen",
         )
+        events.emit("verified", spec, host=choice.import_, domain=imported.domain_name)
+    events.emit("completed", spec, domain=imported.domain_name, host=choice.import_)
     return MigrationResult(
         vm=spec.inventory_path,
         source_moref=spec.moref,

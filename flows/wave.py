@@ -46,14 +46,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 from prefect.logging import get_logger
+from prefect.runtime import flow_run
 from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blocks import KvmCluster, VCenter
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
-from tasks.models import MigrationRequest
+from tasks.models import MigrationRequest, libvirt_name
 
+MIGRATE_DEPLOYMENT = "migrate-vm/migrate-vm"
 DEFAULT_MAX_IN_FLIGHT = 4
 DEFAULT_PER_ESXI_HOST = 20
 DEFAULT_PER_KVM_HOST = 2
@@ -78,6 +80,16 @@ class WaveVm(BaseModel):
     convert_host: str | None = None
     import_host: str | None = None
     verify_boot: bool | None = None
+
+    @field_validator("target_name")
+    @classmethod
+    def _valid_target(cls, value: str | None) -> str | None:
+        # Checked when the wave file is read, not halfway through the wave.
+        if value is not None and value != libvirt_name(value):
+            raise ValueError(
+                f"{value!r} is not a valid domain name (for example {libvirt_name(value)!r})"
+            )
+        return value
 
 
 class WaveFile(BaseModel):
@@ -165,10 +177,10 @@ class WaveFailed(Exception):
 
 
 def _error_text(exc: BaseException | None, fallback: str) -> str:
-    if exc is None:
-        return fallback
-    text = f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split())[:500]
+    """The error in one line for the summary table (the VM's own run has all of it)."""
+    text = f"{type(exc).__name__}: {exc}" if exc is not None else fallback
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def find_vms(vcenter: str, items: list[WaveVm], name_glob: str | None) -> list[ResolvedVm]:
@@ -246,9 +258,61 @@ def ensure_limits(limits: dict[str, int | None], default: dict[str, int]) -> Non
                     pass
 
 
+_SUMMARY_FIELDS = {
+    "domain_name": re.compile(r"^\| domain \| `([^`]+)`", re.M),
+    "import_host": re.compile(r"^\| import host \| (\S+) \|", re.M),
+    "convert_host": re.compile(r"^\| convert host \| (\S+) \|", re.M),
+    "bytes_exported": re.compile(r"^\| bytes exported \| (\d+) \|", re.M),
+}
+
+
+def _from_summary_artifact(flow_run_id: str) -> dict:
+    """Domain, hosts and bytes of a migrate-vm run on another worker, read from its
+    summary artifact (its return value is not persisted); {} when not found."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    try:
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                )
+            )
+    except Exception:  # noqa: BLE001 - the table then lacks these columns, nothing worse
+        return {}
+    text = next((str(a.data) for a in artifacts if (a.key or "").startswith("migration-")), "")
+    found = {k: m.group(1) for k, rx in _SUMMARY_FIELDS.items() if (m := rx.search(text))}
+    if "bytes_exported" in found:
+        found["bytes_exported"] = int(found["bytes_exported"])
+    return found
+
+
+def _run_on_a_worker(request: MigrationRequest, deployment: str, key: str):
+    """Start the migrate-vm deployment for the VM (any worker of the pool takes it) and
+    wait for it; its final state and flow run id."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        deployment,
+        parameters={"request": request.model_dump(mode="json", exclude_none=True)},
+        idempotency_key=key,
+        poll_interval=3,
+        as_subflow=True,
+    )
+    return run.state, str(run.id)
+
+
 @task(name="migrate-one", task_run_name="vm-{label}", cache_policy=NO_CACHE)
-def migrate_one(request: MigrationRequest, label: str, esxi_host: str | None) -> VmOutcome:
-    """Run migrate-vm for one VM as a subflow, holding a slot of its ESXi host's limit.
+def migrate_one(
+    request: MigrationRequest,
+    label: str,
+    esxi_host: str | None,
+    deployment: str | None = None,
+    key: str | None = None,
+) -> VmOutcome:
+    """Run migrate-vm for one VM, holding a slot of its ESXi host's limit: as a subflow
+    here, or as a run of `deployment` that any worker may take (scale-out).
 
     Never raises: a failed migration is an outcome, so the wave goes on.
     """
@@ -262,21 +326,30 @@ def migrate_one(request: MigrationRequest, label: str, esxi_host: str | None) ->
         slot = nullcontext()
     with slot:
         logger.info("%s: starting migrate-vm (ESXi host %s)", label, esxi_host or "unknown")
-        state = migrate_vm(request, return_state=True)
+        if deployment:
+            state, run_id = _run_on_a_worker(request, deployment, key or "")
+        else:
+            state = migrate_vm(request, return_state=True)
+            run_id = str(state.state_details.flow_run_id or "") or None
     seconds = time.monotonic() - started
-    run_id = str(state.state_details.flow_run_id or "") or None
     if state.is_completed():
-        result = state.result()
+        if deployment:
+            details = _from_summary_artifact(run_id)
+        else:
+            result = state.result()
+            details = dict(
+                bytes_exported=result.bytes_exported,
+                convert_host=result.convert_host,
+                import_host=result.import_host,
+                domain_name=result.domain_name,
+            )
         return VmOutcome(
             vm=label,
             result="completed",
             seconds=seconds,
-            bytes_exported=result.bytes_exported,
             esxi_host=esxi_host,
-            convert_host=result.convert_host,
-            import_host=result.import_host,
-            domain_name=result.domain_name,
             flow_run_id=run_id,
+            **details,
         )
     try:
         exc = state.result(raise_on_failure=False)
@@ -339,6 +412,7 @@ def migrate_wave(
     verify_boot: bool | None = None,
     per_esxi_host: int | None = None,
     per_kvm_host: int | None = None,
+    via_deployment: bool = False,
 ) -> WaveSummary:
     """Migrate many VMs, at most `max_in_flight` at once; one VM's failure stops no other.
 
@@ -354,6 +428,11 @@ def migrate_wave(
             it as it is, or create it with 20).
         per_kvm_host: Set the global limit of conversions/imports per KVM host (default:
             leave it, or create it with 2).
+        via_deployment: Run each VM as a run of the migrate-vm deployment, so that every
+            worker of the pool takes its share (scale-out), instead of as a subflow in
+            this process. Each VM's run has the idempotency key
+            `wave-<wave run id>-<attempt>-<moref>`: a wave run that is restarted does not
+            start a VM twice.
 
     Returns the summary. When some VMs failed, the run ends Failed with the count in its
     message (a direct call raises `WaveFailed`, which carries the summary).
@@ -414,6 +493,9 @@ def migrate_wave(
         update_progress_artifact(progress_id, 100.0 * len(outcomes) / total, description=text)
         logger.info("%s: %s; %s", outcome.vm, outcome.result, text)
 
+    deployment = MIGRATE_DEPLOYMENT if via_deployment else None
+    wave_run = flow_run.get_id() or "local"
+    attempt = flow_run.get_run_count() or 1
     position = {id(r): i for i, r in enumerate(resolved)}
     pending = []
     for r in _interleave(resolved):
@@ -435,13 +517,15 @@ def migrate_wave(
             import_host=r.item.import_host,
             verify_boot=r.item.verify_boot if r.item.verify_boot is not None else boot,
         )
-        pending.append((position[id(r)], request, label, r.esxi_host))
+        key = f"wave-{wave_run}-{attempt}-{r.moref}"
+        pending.append((position[id(r)], request, label, r.esxi_host, key))
 
     running = {}
     while pending or running:
         while pending and len(running) < in_flight:
-            index, request, label, esxi_host = pending.pop(0)
-            running[migrate_one.submit(request, label, esxi_host)] = index
+            index, request, label, esxi_host, key = pending.pop(0)
+            future = migrate_one.submit(request, label, esxi_host, deployment, key)
+            running[future] = index
         done = next(as_completed(list(running)))
         record(done.result(), running.pop(done))
 

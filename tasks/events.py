@@ -28,6 +28,7 @@ from tasks.models import VmSpec
 
 STAGES = ("exported", "converted", "imported", "verified", "completed", "failed")
 EVENT_PREFIX = "v2k.vm."
+MAX_ERROR = 2000  # characters of the error in a `failed` event (the run's logs have all)
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ def _error_of(state) -> str:
         exc = state.result(raise_on_failure=False)
     except Exception:  # noqa: BLE001 - results may not be available: use the message
         exc = None
-    if isinstance(exc, BaseException):
-        return f"{type(exc).__name__}: {exc}"
-    return state.message or state.name
+    text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else None
+    text = text or state.message or state.name
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
 
 
 def failed_hook(flow, flow_run, state) -> None:

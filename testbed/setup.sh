@@ -9,7 +9,7 @@ APT_PACKAGES=(
   virt-v2v libguestfs-tools nbdkit libnbd-bin linux-image-amd64 qemu-utils qemu-system-x86
   libvirt-daemon-system libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   pkg-config openssh-server iproute2 dnsmasq-base debootstrap ovmf osinfo-db
-  chromium fonts-dejavu-core procps curl
+  chromium fonts-dejavu-core procps curl postgresql
 )
 
 missing=()

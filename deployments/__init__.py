@@ -1,0 +1,1 @@
+"""Deployments of v2k (prefect.yaml) and `v2k serve`, which runs them on one machine."""
