@@ -121,7 +121,10 @@ def machine(workdir: Path) -> dict[str, Any]:
     fs = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         fs = subprocess.run(
-            ["stat", "-f", "-c", "%T", str(workdir)], capture_output=True, text=True, timeout=10
+            ["findmnt", "-n", "-o", "FSTYPE", "-T", str(workdir)],
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     curl = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
