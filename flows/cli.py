@@ -64,6 +64,33 @@ def inventory(
     Console().print(table)
 
 
+def _request(
+    vm: str,
+    vcenter: str,
+    cluster: str,
+    storage: str,
+    settings: str | None,
+    target_name: str | None,
+    convert_host: str | None,
+    import_host: str | None,
+    verify_boot: bool = False,
+):
+    """The MigrationRequest that `migrate` and `plan` build from their common options."""
+    from tasks.models import MigrationRequest
+
+    return MigrationRequest(
+        vcenter=vcenter,
+        vm=vm,
+        cluster=cluster,
+        temporary_storage=storage,
+        settings=settings,
+        target_name=target_name,
+        convert_host=convert_host,
+        import_host=import_host,
+        verify_boot=verify_boot,
+    )
+
+
 @app.command()
 def migrate(
     vm: str = typer.Argument(..., help="VM name, inventory path, moref or instance UUID."),
@@ -97,17 +124,16 @@ def migrate(
           --via-deployment --idempotency-key CHG-1234
     """
     from flows.migrate import migrate_vm
-    from tasks.models import MigrationRequest
 
-    request = MigrationRequest(
-        vcenter=vcenter,
-        vm=vm,
-        cluster=cluster,
-        temporary_storage=storage,
-        settings=settings,
-        target_name=target_name,
-        convert_host=convert_host,
-        import_host=import_host,
+    request = _request(
+        vm,
+        vcenter,
+        cluster,
+        storage,
+        settings,
+        target_name,
+        convert_host,
+        import_host,
         verify_boot=verify_boot,
     )
     if via_deployment:
@@ -157,18 +183,10 @@ def plan(
     """
     from rich.markdown import Markdown
 
-    from tasks.models import MigrationRequest
     from tasks.plan import make_plan, plan_markdown
 
-    request = MigrationRequest(
-        vcenter=vcenter,
-        vm=vm,
-        cluster=cluster,
-        temporary_storage=storage,
-        settings=settings,
-        target_name=target_name,
-        convert_host=convert_host,
-        import_host=import_host,
+    request = _request(
+        vm, vcenter, cluster, storage, settings, target_name, convert_host, import_host
     )
     try:
         result = make_plan(request)

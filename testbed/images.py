@@ -242,6 +242,12 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def raw_to_vmdk(raw: Path, dest: Path, subformat: str, *, timeout: float) -> None:
+    """Convert a raw image into a VMDK of the given subformat with qemu-img."""
+    argv = ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}"]
+    _run([*argv, str(raw), str(dest)], timeout=timeout)
+
+
 def _run(argv: list[str], *, env: dict | None = None, timeout: float = 1800) -> str:
     full_env = dict(os.environ)
     if env:
@@ -326,20 +332,7 @@ def _build_debian(work: Path) -> None:
         )
 
     with _step("qemu-img convert", timings):
-        _run(
-            [
-                "qemu-img",
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-                str(img),
-                str(vmdk),
-            ]
-        )
+        raw_to_vmdk(img, vmdk, "streamOptimized", timeout=1800)
         img.unlink()
 
     info = vmdk_info(vmdk)
@@ -483,21 +476,7 @@ def synthetic_vmdk(
         raw = synthetic_raw(Path(tmp) / "disk.raw", size_bytes, seed, fill_bytes)
         for old in (dest, flat_extent_path(dest)):
             old.unlink(missing_ok=True)
-        _run(
-            [
-                "qemu-img",
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vmdk",
-                "-o",
-                f"subformat={subformat}",
-                str(raw),
-                str(dest),
-            ],
-            timeout=300,
-        )
+        raw_to_vmdk(raw, dest, subformat, timeout=300)
     files = [dest]
     if subformat == "monolithicFlat":
         files.append(flat_extent_path(dest))
