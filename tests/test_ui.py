@@ -121,9 +121,10 @@ def _wait_for_final_state(page, timeout: float) -> str:
     raise TimeoutError(f"the run is still {badge.inner_text()} after {timeout:.0f} s")
 
 
-def _artifact_titles(page, expect: str, timeout: float = 30) -> list[str]:
-    """Open the run's Artifacts tab; the titles (keys) of its artifact cards once one
-    matches `expect`. Cards render lazily (a virtual scroller): scroll down for them."""
+def _artifact_titles(page, *expect: str, timeout: float = 60) -> list[str]:
+    """Open the run's Artifacts tab; the titles (keys) of its artifact cards once every
+    pattern in `expect` matches one. Cards render lazily (a virtual scroller), and a
+    card may appear some seconds after the run: scroll down and look again."""
     _tab(page, "Artifacts").click()
     titles = page.locator(".artifact-card__title")
     deadline = time.monotonic() + timeout
@@ -131,7 +132,9 @@ def _artifact_titles(page, expect: str, timeout: float = 30) -> list[str]:
         page.mouse.wheel(0, 2000)
         page.wait_for_timeout(1_000)
         found = [t.strip() for t in titles.all_inner_texts()]
-        if any(re.search(expect, t) for t in found) or time.monotonic() > deadline:
+        if all(any(re.search(e, t) for t in found) for e in expect):
+            return found
+        if time.monotonic() > deadline:
             return found
 
 
@@ -175,7 +178,7 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
         assert state == "Completed", served.log_tail(size=6000)
 
         # Its artifacts: the summary, the convert and import progress...
-        titles = _artifact_titles(page, r"-import$")
+        titles = _artifact_titles(page, r"^migration-vm-\d+$", r"-convert$", r"-import$")
         shot("artifacts")
         assert any(re.fullmatch(r"migration-vm-\d+", t) for t in titles), titles
         assert any(t.endswith("-convert") for t in titles), titles
