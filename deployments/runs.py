@@ -48,6 +48,48 @@ def start(
     return {"id": str(run.id), "name": run.name, "deployment": deployment}
 
 
+class RunStateError(RuntimeError):
+    """The run is in a state that does not allow what was asked."""
+
+
+def read_stopped(flow_run_id: str | UUID, force: bool = False):
+    """The flow run, when it has stopped (crashed, failed, cancelled), for resume or
+    cleanup. A run shown RUNNING whose worker died needs `force`: only the user knows
+    that its process is gone.
+
+    Raises:
+        RunStateError: the run completed, or still runs and `force` is not set.
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(str(flow_run_id)))
+    kind = run.state.type.value if run.state else None
+    if kind == "COMPLETED":
+        raise RunStateError(f"flow run {flow_run_id} completed: nothing to resume or clean up")
+    if kind not in FINAL and not force:
+        raise RunStateError(f"flow run {flow_run_id} is {kind}; if its worker is gone, add --force")
+    return run
+
+
+def retry(flow_run_id: str | UUID, force: bool = False) -> dict[str, Any]:
+    """Schedule a stopped flow run again, as the UI's Retry does: a worker picks it up and
+    the migration goes on from where it stopped (see `tasks.resume`).
+
+    Raises:
+        RunStateError: see `read_stopped`.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.states import AwaitingRetry
+
+    run = read_stopped(flow_run_id, force)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(
+            run.id, AwaitingRetry(message="resumed with v2k resume"), force=True
+        )
+    return {"id": str(run.id), "name": run.name, "resumed_from": _state(run)}
+
+
 def _state(run) -> dict[str, Any]:
     state = run.state
     return {

@@ -342,6 +342,56 @@ def status(
 
 
 @app.command()
+def resume(
+    run_id: str = typer.Argument(..., help="The migrate-vm flow run that stopped."),
+    force: bool = typer.Option(
+        False, "--force", help="Also a run still shown running whose worker is gone."
+    ),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow it until it ends."),
+) -> None:
+    """Retry a crashed or failed migration: finished stages and disks are not done again,
+    a partial download goes on from the bytes on disk.
+
+    Example: v2k resume 0f3c9a6e-... --watch
+    """
+    from deployments.runs import EXIT_USAGE, RunStateError, retry
+    from deployments.runs import watch as follow_run
+
+    try:
+        resumed = retry(run_id, force)
+    except RunStateError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_USAGE) from None
+    console.print(f"scheduled {resumed['name']} ({resumed['id']}) again")
+    if watch:
+        _finish_run(follow_run(run_id, console), as_json=False)
+
+
+@app.command()
+def cleanup(
+    run_id: str = typer.Argument(..., help="The migrate-vm flow run to clean up after."),
+    force: bool = typer.Option(
+        False, "--force", help="Also a run still shown running whose worker is gone."
+    ),
+) -> None:
+    """Remove what a crashed migration kept for resuming: its clone, temporary files,
+    half-imported domains and volumes.
+
+    Example: v2k cleanup 0f3c9a6e-...
+    """
+    from deployments.runs import EXIT_USAGE, RunStateError, read_stopped
+    from flows.migrate import cleanup_flow_run
+
+    try:
+        run = read_stopped(run_id, force)
+    except RunStateError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_USAGE) from None
+    cleanup_flow_run(run)
+    console.print(f"cleaned up after {run.name} ({run.id})")
+
+
+@app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address the Prefect server listens on."),
     port: int = typer.Option(4200, help="Port of the Prefect server and UI."),

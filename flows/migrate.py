@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from pydantic import ValidationError
 
@@ -22,7 +25,7 @@ from blocks import (
     VCenter,
 )
 from blocks.vcenter import VCenterError
-from tasks import events, kvm
+from tasks import events, kvm, resume
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree
 from tasks.convert import convert_vm
@@ -51,6 +54,7 @@ from tasks.preflight import (
     refuse_critical,
 )
 from tasks.progress import Progress, artifact_key
+from tasks.resume import resumable
 from tasks.retries import retry_unless
 from tasks.source import clone_for_export, clone_name, remove_clones
 from tasks.vcenter import SourceError
@@ -82,7 +86,8 @@ def _staged(fn, settings: MigrationSettings, stage: str):
 
 @task(name="preflight", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
 def preflight_task(request: MigrationRequest) -> Preflight:
-    checked = preflight(request)
+    # On a retry, domains this flow run defined are its own, not a name conflict.
+    checked = preflight(request, flow_run_id=str(flow_run.get_id() or ""))
     logger = get_run_logger()
     for warning in checked.warnings:
         logger.warning(warning)
@@ -123,7 +128,11 @@ def select_hosts_task(
     return choice
 
 
-@task(name="export-ovftool", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+@task(
+    name="export-ovftool",
+    retry_condition_fn=transient_only,
+    **resumable("spec.instance_uuid", "spec.change_version", "directory"),
+)
 def ovftool_export_task(
     request: MigrationRequest,
     spec: VmSpec,
@@ -131,6 +140,7 @@ def ovftool_export_task(
     directory: str,
     settings: MigrationSettings,
     run_key: str,
+    resume_token: str | None = None,
 ) -> ExportResult:
     """Export on a KVM host with ovftool into the (shared) temporary storage."""
     storage = TemporaryStorage.load(request.temporary_storage)
@@ -150,7 +160,11 @@ def ovftool_export_task(
     return exported_from_manifest(Path(directory) / Path(ovf_dir).name, source_moref=spec.moref)
 
 
-@task(name="convert", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+@task(
+    name="convert",
+    retry_condition_fn=transient_only,
+    **resumable("exported", "target", "out_dir"),
+)
 def convert_task(
     request: MigrationRequest,
     spec: VmSpec,
@@ -160,6 +174,7 @@ def convert_task(
     out_dir: str,
     settings: MigrationSettings,
     run_key: str,
+    resume_token: str | None = None,
 ) -> ConvertResult:
     storage = TemporaryStorage.load(request.temporary_storage)
     logger = get_run_logger()
@@ -197,7 +212,11 @@ def convert_task(
     )
 
 
-@task(name="import", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+@task(
+    name="import",
+    retry_condition_fn=transient_only,
+    **resumable("converted", "target"),
+)
 def import_task(
     request: MigrationRequest,
     spec: VmSpec,
@@ -205,7 +224,10 @@ def import_task(
     host_name: str,
     target: str,
     run_key: str,
+    resume_token: str | None = None,
 ) -> ImportResult:
+    # An import of this run that did not finish (the worker died in it) is undone first.
+    _remove_run_domains(request, str(flow_run.get_id() or ""))
     cluster = KvmCluster.load(request.cluster)
     host = KvmHost.load(host_name)
     nics = [
@@ -272,9 +294,19 @@ def verify_task(host_name: str, domain: str, timeout: float) -> bool:
     return True
 
 
-@task(name="prepare-source", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
-def prepare_source_task(request: MigrationRequest, spec: VmSpec, run_id: str) -> VmSpec:
-    """Clone a running VM, powered off, and hand back the clone's spec for the export."""
+@task(
+    name="prepare-source",
+    retry_condition_fn=transient_only,
+    **resumable("spec.instance_uuid", "run_id"),
+)
+def prepare_source_task(
+    request: MigrationRequest, spec: VmSpec, run_id: str, resume_token: str | None = None
+) -> VmSpec:
+    """Clone a running VM, powered off, and hand back the clone's spec for the export.
+
+    A retried run gets the clone it made before (persisted result), and the download of
+    its disks goes on; a clone left half-made by a dead worker is removed first.
+    """
     logger = get_run_logger()
     logger.warning(
         "%s is running: exporting a powered-off clone, which is crash-consistent", spec.name
@@ -284,6 +316,8 @@ def prepare_source_task(request: MigrationRequest, spec: VmSpec, run_id: str) ->
     with vcenter.connect() as si:
         dc = vc.datacenter(si, vcenter.datacenter)
         vm = vc.find_vm(si, dc, spec.moref)
+        for moref in remove_clones(si, dc, name):
+            logger.info("removed %s (%s), left unfinished by an earlier try", name, moref)
         try:
             clone = clone_for_export(si, vm, name, timeout=3600)
         except BaseException:
@@ -297,12 +331,15 @@ def cleanup_run(request: MigrationRequest, run_id: str, flow_run_id: str, failed
     """Remove what a run left: its clone and temporary files, and after a failure the
     domains (with their volumes) that it defined. Safe to call more than once.
 
-    The flow calls it when it ends; the cancellation and crash hooks call it too.
+    The flow calls it when it ends, its cancellation hook too, and `v2k cleanup` after a
+    crash.
     """
-    logger = get_run_logger()
+    logger = _logger()
     steps = [
         ("the clone", lambda: _remove_clone(request, run_id)),
         ("temporary files", lambda: _remove_run_dir(request, run_id)),
+        # What the stages persisted refers to what was just removed: not to be reused.
+        ("the resume token", lambda: resume.forget(run_id)),
     ]
     if failed:
         steps.append(("domains", lambda: _remove_run_domains(request, flow_run_id)))
@@ -320,7 +357,7 @@ def _remove_clone(request: MigrationRequest, run_id: str) -> None:
     with vcenter.connect() as si:
         removed = remove_clones(si, vc.datacenter(si, vcenter.datacenter), clone_name(run_id))
     for moref in removed:
-        get_run_logger().info("removed the clone %s (%s)", clone_name(run_id), moref)
+        _logger().info("removed the clone %s (%s)", clone_name(run_id), moref)
 
 
 def _remove_run_dir(request: MigrationRequest, run_id: str) -> None:
@@ -329,7 +366,7 @@ def _remove_run_dir(request: MigrationRequest, run_id: str) -> None:
 
 
 def _remove_run_domains(request: MigrationRequest, flow_run_id: str) -> None:
-    logger = get_run_logger()
+    logger = _logger()
     seen: set[str] = set()
     for name, host in KvmCluster.load(request.cluster).load_hosts().items():
         try:
@@ -349,6 +386,10 @@ def _remove_run_domains(request: MigrationRequest, flow_run_id: str) -> None:
             conn.close()
 
 
+def _reusable_export_dir(storage: TemporaryStorage, scope: str) -> Path:
+    return Path(storage.worker_path) / "v2k-exports" / scope
+
+
 def _inline_block_name(run_id: str) -> str:
     return f"v2k-inline-{run_id}"
 
@@ -363,8 +404,17 @@ def _with_saved_source(request: MigrationRequest, run_id: str) -> MigrationReque
     return request.model_copy(update={"vcenter": name, "vcenter_inline": None})
 
 
-def _cleanup_hook(flow, flow_run, state) -> None:
-    """on_cancellation / on_crashed: the same cleanup as a failure inside the flow."""
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger in a flow or task, else v2k's own (`v2k cleanup`)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("v2k.migrate")
+
+
+def cleanup_flow_run(flow_run: FlowRun) -> None:
+    """Everything `cleanup_run` removes after a failure, for a migrate-vm flow run read
+    from the API: the cancellation hook, and `v2k cleanup` after a crash."""
     request = MigrationRequest.model_validate(flow_run.parameters["request"])
     run_id = _run_id(str(flow_run.id))
     if request.vcenter_inline is not None:
@@ -372,6 +422,24 @@ def _cleanup_hook(flow, flow_run, state) -> None:
             update={"vcenter": _inline_block_name(run_id), "vcenter_inline": None}
         )
     cleanup_run(request, run_id, str(flow_run.id), failed=True)
+
+
+def _cleanup_hook(flow, flow_run, state) -> None:
+    """on_cancellation: the same cleanup as a failure inside the flow."""
+    cleanup_flow_run(flow_run)
+
+
+def _keep_for_resume(flow, flow_run, state) -> None:
+    """on_crashed: the worker or its machine went away. What the run made (clone, partial
+    export, conversion) is kept, so that a retry of this flow run goes on from there."""
+    get_run_logger().warning(
+        "flow run %s crashed; its clone and temporary files are kept: retry the flow run "
+        "(`v2k resume %s`) to go on from where it stopped, or remove them with "
+        "`v2k cleanup %s`",
+        flow_run.id,
+        flow_run.id,
+        flow_run.id,
+    )
 
 
 def _run_id(flow_run_id: str) -> str:
@@ -407,14 +475,16 @@ def _summary(result: MigrationResult) -> str:
     name="migrate-vm",
     flow_run_name="migrate-{request.vm}",
     on_cancellation=[_cleanup_hook],
-    on_crashed=[_cleanup_hook, events.failed_hook],
+    on_crashed=[_keep_for_resume, events.failed_hook],
     on_failure=[events.failed_hook],
 )
 def migrate_vm(request: MigrationRequest) -> MigrationResult:
     """Migrate one VM: preflight, hosts, export, virt-v2v, libvirt import, boot check.
 
-    Nothing is left behind on failure: the clone and temporary files are removed, and a
-    domain defined by this run is undefined with its volumes. The source VM is only read.
+    Nothing is left behind on failure or cancellation: the clone and temporary files are
+    removed, and a domain defined by this run is undefined with its volumes. The source VM
+    is only read. After a crash (the worker died) everything is kept instead, and a retry
+    of the flow run resumes: finished stages and disks are not done again (`tasks.resume`).
     """
     flow_run_id = str(flow_run.get_id() or uuid.uuid4())
     run_id = _run_id(flow_run_id)
@@ -442,6 +512,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     load_blocks(request)
     settings = MigrationSettings.load(request.settings) if request.settings else MigrationSettings()
     storage = TemporaryStorage.load(request.temporary_storage)
+    token = resume.resume_token(run_id)
     stages: list[StageReport] = []
 
     def timed(name: str, call, detail=lambda _r: ""):
@@ -472,16 +543,22 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     if spec.power_state == "poweredOn":
         source = timed(
             "prepare_source",
-            lambda: _staged(prepare_source_task, settings, "export")(request, spec, run_id),
+            lambda: _staged(prepare_source_task, settings, "export")(request, spec, run_id, token),
             lambda r: f"clone {r.name} ({r.moref})",
         )
+    export_dir, export_token = run_dir / "export", token
+    reusable = resume.export_scope(source.instance_uuid, source.change_version)
+    if request.reuse_exports and reusable:
+        export_dir = _reusable_export_dir(storage, reusable)
+        export_token = resume.resume_token(reusable)
+        get_run_logger().info("export in %s, reused by later runs until one succeeds", export_dir)
     if choice.export:
         export_call = lambda: _staged(ovftool_export_task, settings, "export")(  # noqa: E731
-            request, source, choice.export, str(run_dir / "export"), settings, run_key
+            request, source, choice.export, str(export_dir), settings, run_key, export_token
         )
     else:
         export_call = lambda: run_export(  # noqa: E731
-            request.vcenter, source, run_dir / "export", settings, run_key
+            request.vcenter, source, export_dir, settings, run_key, export_token
         )
     exported = timed(
         "export",
@@ -508,6 +585,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
                 str(run_dir / "out"),
                 settings,
                 run_key,
+                token,
             ),
             lambda r: f"on {r.host}, osinfo {r.osinfo}",
         )
@@ -518,10 +596,14 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         imported = timed(
             "import",
             lambda: _staged(import_task, settings, "import")(
-                request, spec, converted, choice.import_, target, run_key
+                request, spec, converted, choice.import_, target, run_key, token
             ),
             lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
         )
+    if request.reuse_exports and reusable:
+        # Migrated: nobody needs this state of the VM exported any more.
+        remove_tree(export_dir, Path(storage.worker_path))
+        resume.forget(reusable)
     events.emit(
         "imported",
         spec,
@@ -534,19 +616,19 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         booted = timed(
             "verify",
             lambda: _staged(verify_task, settings, "verify")(
-                choice.import_, imported.domain_name, settings.boot_timeout
+                imported.host, imported.domain_name, settings.boot_timeout
             ),
             lambda r: "login prompt seen",
         )
-        events.emit("verified", spec, host=choice.import_, domain=imported.domain_name)
-    events.emit("completed", spec, domain=imported.domain_name, host=choice.import_)
+        events.emit("verified", spec, host=imported.host, domain=imported.domain_name)
+    events.emit("completed", spec, domain=imported.domain_name, host=imported.host)
     return MigrationResult(
         vm=spec.inventory_path,
         source_moref=spec.moref,
         domain_name=imported.domain_name,
         domain_uuid=imported.domain_uuid,
-        import_host=choice.import_,
-        convert_host=choice.convert,
+        import_host=imported.host,
+        convert_host=converted.host,
         export_host=choice.export,
         stages=stages,
         bytes_exported=sum(d.bytes for d in exported.disks),

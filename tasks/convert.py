@@ -127,6 +127,8 @@ def run_virt_v2v(
     """
     log_file = f"{out_dir}/virt-v2v.log"
     pid_file = f"{out_dir}/virt-v2v.pid"
+    # A virt-v2v of an earlier try whose worker died may still run: it goes first.
+    kill_group(conn, pid_file)
     conn.run(remote(["mkdir", "-p", "--", out_dir]), hide=True, in_stream=False, timeout=60)
     command = wrapped_command(
         argv, log_file=log_file, pid_file=pid_file, timeout_seconds=timeout_seconds, env=env
@@ -165,10 +167,16 @@ def run_virt_v2v(
     return Converted(seconds=time.monotonic() - started, events=sink.events, warnings=warnings)
 
 
-def kill_group(conn, pid_file: str) -> None:
-    """Kill the remote process group whose leader's pid is in pid_file, if it still runs."""
+def kill_group(conn, pid_file: str, program: str = "virt-v2v") -> None:
+    """Kill the remote process group whose leader's pid is in pid_file, if it still runs.
+
+    Only while that leader is still `program` (it is `timeout PROGRAM ...`): a pid file
+    left by a dead worker may name a pid that is by now another process's.
+    """
+    pid = shlex.quote(pid_file)
     script = (
-        f'p=$(cat {shlex.quote(pid_file)} 2>/dev/null) && [ -n "$p" ] && '
+        f'p=$(cat {pid} 2>/dev/null) && [ -n "$p" ] && '
+        f"grep -qaF -- {shlex.quote(program)} /proc/$p/cmdline 2>/dev/null && "
         "{ kill -TERM -- -$p 2>/dev/null; sleep 2; kill -KILL -- -$p 2>/dev/null; }; true"
     )
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, task, unmapped
-from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed, wait
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -15,6 +14,7 @@ from blocks import MigrationSettings, VCenter
 from tasks import vcenter as vc
 from tasks.models import ExportedDisk, ExportResult, VmSpec
 from tasks.progress import Progress, artifact_key
+from tasks.resume import resumable
 from tasks.retries import retry_unless
 from tasks.transfer import download
 
@@ -37,8 +37,9 @@ class ExportAborted(RuntimeError):
 @task(
     name="download-disk",
     task_run_name="download-disk-{index}",
-    cache_policy=NO_CACHE,
     retry_condition_fn=retry_unless(ExportAborted),
+    # Not the URL: a retried run gets a new lease, with new URLs, for the same disk.
+    **resumable("index", "directory", "expected_size"),
 )
 def download_disk(
     index: int,
@@ -49,8 +50,13 @@ def download_disk(
     cookie: SecretStr,
     settings: MigrationSettings,
     run_key: str,
+    resume_token: str | None = None,
 ) -> ExportedDisk:
-    """Stream one disk of the lease into the export directory, resuming a partial file."""
+    """Stream one disk of the lease into the export directory, resuming a partial file.
+
+    With a `resume_token`, a finished download's result is kept, and a retried run whose
+    inputs are the same (see `tasks.resume`) does not download that disk again.
+    """
 
     def check_aborted() -> None:
         if run_key in _aborted:
@@ -101,11 +107,12 @@ def export_vm(
     directory: Path,
     settings: MigrationSettings,
     run_key: str,
+    resume_token: str | None = None,
 ) -> ExportResult:
     """Export a powered-off VM into `directory`: disks through the lease, then the descriptor.
 
     The lease stays open, and alive, until every download task is done; it is completed on
-    success and aborted on any failure.
+    success and aborted on any failure. `resume_token`: see `download_disk`.
     """
     logger = get_run_logger()
     vcenter = VCenter.load(vcenter_block)
@@ -139,6 +146,12 @@ def export_vm(
                 cookie=unmapped(cookie),
                 settings=unmapped(settings),
                 run_key=unmapped(run_key),
+                # The VM's identity and state are part of what a finished disk is.
+                resume_token=unmapped(
+                    f"{resume_token}/{spec.instance_uuid}/{spec.change_version}"
+                    if resume_token
+                    else None
+                ),
             )
             try:
                 # The first failure (after its retries) ends the export: the others stop
@@ -163,17 +176,30 @@ def export_vm(
 
 @flow(name="export-vm", flow_run_name="export-{spec.name}")
 def export_stage(
-    vcenter_block: str, spec: VmSpec, directory: str, settings: MigrationSettings, run_key: str
+    vcenter_block: str,
+    spec: VmSpec,
+    directory: str,
+    settings: MigrationSettings,
+    run_key: str,
+    resume_token: str | None = None,
 ) -> ExportResult:
     """The export as a subflow, so its task runner caps parallel downloads."""
-    return export_vm(vcenter_block, spec, Path(directory), settings, run_key)
+    return export_vm(vcenter_block, spec, Path(directory), settings, run_key, resume_token)
 
 
 def run_export(
-    vcenter_block: str, spec: VmSpec, directory: Path, settings: MigrationSettings, run_key: str
+    vcenter_block: str,
+    spec: VmSpec,
+    directory: Path,
+    settings: MigrationSettings,
+    run_key: str,
+    resume_token: str | None = None,
 ) -> ExportResult:
-    """Run the export subflow with at most `threads_on_ms` downloads at once."""
+    """Run the export subflow with at most `threads_on_ms` downloads at once.
+
+    `resume_token`: see `download_disk`; None downloads every disk.
+    """
     runner = ThreadPoolTaskRunner(max_workers=settings.download_threads(len(spec.disks)))
     return export_stage.with_options(task_runner=runner)(
-        vcenter_block, spec, str(directory), settings, run_key
+        vcenter_block, spec, str(directory), settings, run_key, resume_token
     )

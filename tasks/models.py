@@ -64,6 +64,14 @@ class MigrationRequest(BaseModel):
     verify_boot: bool = Field(
         default=False, description="Start the new domain and wait for its login prompt."
     )
+    reuse_exports: bool = Field(
+        default=False,
+        description=(
+            "Reuse a finished export of the VM in the same state (same instance UUID and "
+            "change version) from an earlier run, and keep this run's export when it "
+            "fails so that a later run can reuse it."
+        ),
+    )
 
     @field_validator("vm", "vcenter", "cluster", "temporary_storage")
     @classmethod

@@ -80,6 +80,8 @@ def run_ovftool(
     argv = ovftool_argv(vcenter, spec, target_dir, threads)
     conn.run(remote(["mkdir", "-p", "--", target_dir]), hide=True, in_stream=False, timeout=60)
     pid_file = f"{target_dir}/.ovftool.pid"
+    # An ovftool of an earlier try whose worker died may still write here: it goes first.
+    kill_group(conn, pid_file, "ovftool")
     command = wrapped_command(
         argv, log_file=None, pid_file=pid_file, timeout_seconds=timeout_seconds, env=env
     )
@@ -97,7 +99,7 @@ def run_ovftool(
             timeout=timeout_seconds + 120,
         )
     except BaseException:
-        kill_group(conn, pid_file)
+        kill_group(conn, pid_file, "ovftool")
         raise
     secret = vcenter.password.get_secret_value()
     output = sink.text.replace(secret, "***")

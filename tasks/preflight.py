@@ -228,8 +228,13 @@ def destination_rules(
     cluster: KvmCluster,
     hosts: dict[str, KvmHost],
     storage: TemporaryStorage,
+    flow_run_id: str | None = None,
 ) -> list[Concern]:
-    """Rules against the destination: name and MACs free, maps complete, room everywhere."""
+    """Rules against the destination: name and MACs free, maps complete, room everywhere.
+
+    Domains that the flow run `flow_run_id` defined are its own (a retried run), not in
+    the way.
+    """
     concerns: list[Concern] = []
     for nic in spec.nics:
         try:
@@ -294,15 +299,18 @@ def destination_rules(
         except kvm.KvmImportError:
             continue  # select_hosts reports unreachable hosts with the reason
         try:
-            concerns += _host_rules(conn, name, spec, target_name, cluster)
+            ours = set(kvm.run_domains(conn, flow_run_id)) if flow_run_id else set()
+            concerns += _host_rules(conn, name, spec, target_name, cluster, ours)
         finally:
             conn.close()
     return concerns
 
 
-def _host_rules(conn, host: str, spec: VmSpec, target_name: str, cluster: KvmCluster):
+def _host_rules(
+    conn, host: str, spec: VmSpec, target_name: str, cluster: KvmCluster, ours: set[str]
+):
     concerns: list[Concern] = []
-    if kvm.domain_exists(conn, target_name):
+    if kvm.domain_exists(conn, target_name) and target_name not in ours:
         concerns.append(
             Concern(
                 rule="target-exists",
@@ -313,7 +321,7 @@ def _host_rules(conn, host: str, spec: VmSpec, target_name: str, cluster: KvmClu
         )
     used = kvm.macs_in_use(conn)
     for nic in spec.nics:
-        if nic.mac in used and used[nic.mac] != target_name:
+        if nic.mac in used and used[nic.mac] != target_name and used[nic.mac] not in ours:
             concerns.append(
                 Concern(
                     rule="mac-in-use",
@@ -389,8 +397,11 @@ def load_blocks(request: MigrationRequest) -> None:
         raise BlockNotFound("; ".join(missing) + " (save it first, or check the name)")
 
 
-def check(request: MigrationRequest) -> Preflight:
+def check(request: MigrationRequest, flow_run_id: str | None = None) -> Preflight:
     """Read the VM and evaluate every source and destination rule, raising nothing.
+
+    `flow_run_id`: the run doing the migration, whose own domains (from an earlier try)
+    do not count as taken names.
 
     Raises:
         BlockNotFound: a block named in the request does not exist.
@@ -410,6 +421,7 @@ def check(request: MigrationRequest) -> Preflight:
         cluster,
         cluster.load_hosts(),
         TemporaryStorage.load(request.temporary_storage),
+        flow_run_id,
     )
     return Preflight(spec=spec, target_name=target, concerns=concerns)
 
@@ -421,13 +433,15 @@ def refuse_critical(concerns: list[Concern]) -> None:
         raise PreflightError(critical)
 
 
-def preflight(request: MigrationRequest) -> Preflight:
+def preflight(request: MigrationRequest, flow_run_id: str | None = None) -> Preflight:
     """Read the VM and check every rule; raise PreflightError on any critical concern.
+
+    `flow_run_id` is passed to `check`.
 
     Raises:
         SourceError: the VM cannot be found (or the name is ambiguous).
         PreflightError: a rule refused the migration; nothing was created.
     """
-    checked = check(request)
+    checked = check(request, flow_run_id)
     refuse_critical(checked.concerns)
     return checked

@@ -32,6 +32,14 @@ DEFAULT_VMS = {
         "bios",
         1,
     ),
+    "debian-live": (
+        "/DC0/vm/Linux/debian-live",
+        "poweredOn",
+        "Linux",
+        ["00:50:56:01:00:0a@VM Network"],
+        "bios",
+        1,
+    ),
     "win2019-running": (
         "/DC0/vm/Windows/win2019-running",
         "poweredOn",
@@ -261,7 +269,7 @@ def test_pyvmomi_reader_follows_pages_too(monkeypatch):
     ("kwargs", "expected"),
     [
         ({}, set(DEFAULT_VMS)),
-        ({"name_glob": "debian-*"}, {"debian-stopped", "debian-running"}),
+        ({"name_glob": "debian-*"}, {"debian-stopped", "debian-running", "debian-live"}),
         ({"name_glob": "WIN*"}, {"win2019-running", "win2019-stopped"}),
         ({"folder": "Prod"}, {"web server 01", "app%2fdb 02"}),
         ({"folder": "Prod/Web"}, {"web server 01"}),
@@ -269,8 +277,8 @@ def test_pyvmomi_reader_follows_pages_too(monkeypatch):
         ({"folder": "/DC0/vm/Windows"}, {"win2019-running", "win2019-stopped"}),
         ({"folder": "Pro"}, set()),
         ({"folder": "Web"}, set()),
-        ({"power_state": "poweredOn"}, {"debian-running", "win2019-running"}),
-        ({"power_state": "ON"}, {"debian-running", "win2019-running"}),
+        ({"power_state": "poweredOn"}, {"debian-running", "debian-live", "win2019-running"}),
+        ({"power_state": "ON"}, {"debian-running", "debian-live", "win2019-running"}),
         ({"power_state": "suspended"}, set()),
         (
             {"folder": "Linux", "power_state": "poweredOff", "name_glob": "*disk*"},

@@ -397,6 +397,14 @@ def test_generated_macs_are_distinct_and_given_ones_kept(sim: VcSim, si):
     assert len(after) == 3 and len(set(after + macs_of(a))) == 5
 
 
+def test_change_version_is_set_and_moves_with_a_reconfigure(sim: VcSim, si):
+    vm = make_vm(sim, si, "versioned", [b"v" * 512])
+    first = vm.config.changeVersion
+    assert first and first == vm.config.changeVersion  # stable while nothing changes
+    WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(annotation="changed")))
+    assert vm.config.changeVersion > first
+
+
 def test_stop_leaves_nothing_behind(tmp_path: Path):
     sim = VcSim(tmp_path / "stopme", model={"ds": 1})
     sim.start()

@@ -22,7 +22,9 @@ import pytest
 pytest_plugins = ["deployments.testing"]
 
 CHROMIUM = "/usr/bin/chromium"
-VM = "debian-stopped"
+# A running VM: the run exports a powered-off clone of it (issue "Source variants"), and
+# the migrated domain must boot all the same.
+VM = "debian-live"
 TARGET = "debian-ui"
 
 pytestmark = [
@@ -83,6 +85,18 @@ class Shots:
             Path(self.copy_to).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, Path(self.copy_to) / path.name)
         return path
+
+
+def _all_vms(si):
+    from pyVmomi import vim
+
+    view = si.content.viewManager.CreateContainerView(
+        si.content.rootFolder, [vim.VirtualMachine], True
+    )
+    try:
+        return list(view.view)
+    finally:
+        view.Destroy()
 
 
 def _tab(page, name: str):
@@ -150,7 +164,7 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
         _tab(page, "Parameters").wait_for()
         shot("deployment")
 
-        # Run > Custom run: the form rendered from MigrationRequest.
+        # Run > Custom run: the form rendered from MigrationRequest, with the boot check.
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Custom run").click()
         page.get_by_text("Temporary Storage", exact=True).wait_for()
@@ -163,6 +177,9 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
             ("Target Name", TARGET),
         ]:
             _fill(page, label, value)
+        boot_check = _field(page, "Verify Boot").locator("input[type=checkbox]").first
+        boot_check.check(force=True)  # the toggle's input is styled away
+        assert boot_check.is_checked()
         shot("run-form")
         page.get_by_role("button", name="Submit").click()
 
@@ -186,7 +203,8 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
         # ... and the per-disk export progress (in the export subflow when there is one).
         if not any(t.endswith("-disk-0") for t in titles):
             _tab(page, "Subflow Runs").click()
-            page.get_by_role("link", name=f"export-{VM}", exact=True).first.click()
+            # The export subflow exports the clone, named after the run.
+            page.get_by_role("link", name=re.compile(r"^export-v2k-clone-")).first.click()
             page.wait_for_url(lambda url: flow_run_id not in url)
             titles = _artifact_titles(page, r"-disk-0$")
             shot("export-artifacts")
@@ -200,6 +218,7 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
         ).json()
         summary = next(a for a in response if a["flow_run_id"] == flow_run_id)
         assert f"# Migrated /DC0/vm/Linux/{VM}" in summary["data"]
+        assert "| boot check | passed |" in summary["data"], summary["data"]
         page.goto(f"{served.url}/artifacts/artifact/{summary['id']}")
         page.get_by_text(f"Migrated /DC0/vm/Linux/{VM}").wait_for()
         shot("summary")
@@ -209,5 +228,11 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
             timeout=10,
         ).json()
         assert progress and max(a["data"] for a in progress) == 100.0
+
+        # The source runs on, untouched, and the clone it was exported through is gone.
+        with bed.vcsim.connect() as si:
+            names = {vm.name: vm for vm in _all_vms(si)}
+            assert names[VM].runtime.powerState == "poweredOn"
+            assert not [n for n in names if n.startswith("v2k-clone-")], sorted(names)
     finally:
         _remove_domain(conn, TARGET)

@@ -70,6 +70,11 @@ func (f *front) serveSDK(w http.ResponseWriter, r *http.Request) {
 	}
 
 	switch method.Name {
+	case "RetrieveProperties", "RetrievePropertiesEx", "WaitForUpdatesEx", "Fetch":
+		stampUnversioned()
+	}
+
+	switch method.Name {
 	case "Fetch":
 		f.fetch(w, r, body)
 		return
@@ -92,7 +97,8 @@ func (f *front) serveSDK(w http.ResponseWriter, r *http.Request) {
 		req := method.Body.(*types.ReconfigVM_Task)
 		assignMACs(vmByRef(req.This), req.Spec.DeviceChange)
 		placeholderFlats(req.This, req.Spec.DeviceChange)
-		body = encodeRequest(method.Name, req)
+		f.reconfigure(w, r, encodeRequest(method.Name, req), req.This)
+		return
 	case "CloneVM_Task":
 		f.cloneVM(w, r, body, method.Body.(*types.CloneVM_Task))
 		return

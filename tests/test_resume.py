@@ -1,0 +1,233 @@
+"""Resume after a dead worker (tasks/resume.py, flows/migrate.py).
+
+The real thing: a `prefect server start` and a process worker; the worker, and the flow
+run it started, are killed with SIGKILL in the middle of a disk download; `v2k resume`
+schedules the same flow run again and a new worker takes it. The finished disk is not
+downloaded again (its task is Cached, the simulator serves no byte of it), the partial
+disk goes on from the bytes on disk with a Range request. The VM's disks are synthetic,
+so virt-v2v then fails its inspection, and the failure cleans up as always.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect import flow, task
+
+from deployments.serve import LocalPrefect
+from tasks import resume
+from tasks.resume import resumable
+
+VM = "multi-disk-efi"
+
+
+# ---- the cache keys, in process -----------------------------------------------------
+
+calls: list[str] = []
+
+
+@task(**resumable("value"))
+def _remember(value: str, resume_token: str | None = None) -> str:
+    calls.append(value)
+    return value.upper()
+
+
+@flow
+def _twice(value: str, token: str | None) -> list[str]:
+    return [_remember(value, token), _remember(value, token)]
+
+
+def test_a_finished_task_is_not_run_again_while_its_token_lives(prefect_harness):
+    calls.clear()
+    token = resume.resume_token("test-scope")
+    assert resume.resume_token("test-scope") == token  # one token per scope
+    assert _twice("disk", token) == ["DISK", "DISK"]
+    assert _twice("disk", token) == ["DISK", "DISK"]
+    assert calls == ["disk"]  # once: later calls with the same inputs are cached
+
+    _twice("other", token)
+    assert calls == ["disk", "other"]  # other inputs, another key
+
+    resume.forget("test-scope")  # what cleanup_run does with the files
+    _twice("disk", resume.resume_token("test-scope"))
+    assert calls == ["disk", "other", "disk"]
+
+    calls.clear()
+    _twice("disk", None)
+    assert calls == ["disk", "disk"]  # no token: nothing is cached
+
+
+def test_export_scope_needs_uuid_and_change_version():
+    assert resume.export_scope(None, "2026-11-26T09:00:00Z") is None
+    assert resume.export_scope("5003a1b2", None) is None
+    one = resume.export_scope("5003a1b2", "2026-11-26T09:00:00Z")
+    assert one == resume.export_scope("5003a1b2", "2026-11-26T09:00:00Z")
+    assert one != resume.export_scope("5003a1b2", "2026-11-26T09:00:01Z")
+
+
+# ---- a worker killed in the middle of a download ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(bed, tmp_path_factory):
+    """A Prefect server with the v2k deployments and the bed's blocks; workers are
+    started by the test."""
+    server = LocalPrefect(tmp_path_factory.mktemp("resume-prefect"))
+    try:
+        server.start()
+        server.register_blocks()
+        server.deploy()
+        with server.settings():
+            from blocks import MigrationSettings
+
+            names = bed.save_blocks("bed")
+            # One disk at a time, exported by the worker (the NFC download is resumable).
+            MigrationSettings(force_ms_export=True, threads_on_ms=1).save(
+                "resume-settings", overwrite=True
+            )
+        names["settings"] = "resume-settings"
+        server.blocks = names
+        yield server
+    finally:
+        server.stop()
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a worker and everything under it, as when its machine dies."""
+    victims = [proc.pid, *_descendants(proc.pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(10)
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"no {what} within {timeout:.0f} s")
+
+
+def _logs(api: str, flow_run_id: str) -> list[str]:
+    """Messages of the flow run and of its subflow runs, oldest first."""
+    children = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}},
+        timeout=10,
+    ).json()
+    ids = [flow_run_id, *(c["id"] for c in children)]
+    logs = httpx.post(
+        f"{api}/logs/filter",
+        json={"logs": {"flow_run_id": {"any_": ids}}, "sort": "TIMESTAMP_ASC", "limit": 200},
+        timeout=10,
+    ).json()
+    return [entry["message"] for entry in logs]
+
+
+def test_a_killed_worker_resumes_the_same_run_without_downloading_again(server, bed):
+    from deployments.runs import start
+
+    storage = Path(bed.scratch)
+    request = {
+        "vcenter": server.blocks["vcenter"],
+        "vm": VM,
+        "cluster": server.blocks["cluster"],
+        "temporary_storage": server.blocks["scratch"],
+        "settings": server.blocks["settings"],
+    }
+    worker = server.start_worker("resume-worker-1")
+    server.wait_for_workers(1)
+    bed.vcsim.fault(nfc_rate_kbps=4096, times=3)  # slow enough to be caught mid-disk
+    with server.settings():
+        run_id = start("migrate-vm/migrate-vm", {"request": request})["id"]
+    export = storage / f"v2k-{run_id.replace('-', '')[:12]}" / "export"
+
+    # Disk 0 is whole and disk 1 half there: the machine of the worker dies.
+    partial = export / "disk-1.vmdk"
+    _wait_for(lambda: partial.exists() and partial.stat().st_size > (2 << 20), 180, "disk 1")
+    _kill_tree(worker)
+    kept = partial.stat().st_size
+    whole = (export / "disk-0.vmdk").stat().st_size
+    time.sleep(1)
+    assert partial.stat().st_size == kept, "something still writes after the kill"
+    assert not (export / "disk-2.vmdk").exists()
+
+    state = httpx.get(f"{server.api_url}/flow_runs/{run_id}", timeout=10).json()
+    assert state["state_type"] == "RUNNING"  # nobody is left to say otherwise
+    refused = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "resume", run_id],
+        env=server.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "--force" in refused.stdout, refused.stdout
+
+    bed.vcsim.fault(clear=1)
+    bed.vcsim.reset_stats()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "resume", run_id, "--force"],
+        env=server.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    server.start_worker("resume-worker-2")
+    run = _wait_for_final(server, run_id, 600)
+
+    # Synthetic disks: virt-v2v's inspection fails after the export, as expected here.
+    assert run["state_type"] == "FAILED", run["state"]
+    assert run["run_count"] >= 2
+    stats = bed.vcsim.stats()
+    # Only disk 1 (the rest of it) and disk 2 were fetched: disk 0 was not.
+    assert stats["nfc_requests"] == 2, stats
+    assert stats["nfc_range_requests"] == 1, stats
+    messages = "\n".join(_logs(server.api_url, run_id))
+    assert f"disk 1 resumed from {kept} bytes already on disk" in messages, messages[-3000:]
+    assert "Cached" in messages
+    assert whole > 0
+
+    # And the failure cleaned up as always: nothing of the run is left.
+    assert not export.parent.exists()
+    with server.settings():
+        assert resume.Variable.get(f"v2k-resume-{run_id.replace('-', '')[:12]}") is None
+
+
+def _wait_for_final(server: LocalPrefect, flow_run_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = httpx.get(f"{server.api_url}/flow_runs/{flow_run_id}", timeout=10).json()
+        if run["state_type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+            return run
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{flow_run_id} still {run['state_type']}")
+        time.sleep(1)
