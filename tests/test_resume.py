@@ -189,7 +189,8 @@ def test_a_killed_worker_resumes_the_same_run_without_downloading_again(server, 
         text=True,
         timeout=120,
     )
-    assert refused.returncode == 2 and "--force" in refused.stdout, refused.stdout
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 2 and "--force" in said, said
 
     bed.vcsim.fault(clear=1)
     bed.vcsim.reset_stats()
