@@ -153,6 +153,8 @@ def _artifact_titles(page, *expect: str, timeout: float = 60) -> list[str]:
 
 
 def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_path):
+    from playwright.sync_api import expect
+
     page, blocks = browser_page, served.blocks
     shot = Shots(page, tmp_path)
     conn = bed.libvirtd.conn
@@ -177,9 +179,10 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
             ("Target Name", TARGET),
         ]:
             _fill(page, label, value)
-        boot_check = _field(page, "Verify Boot").locator("input[type=checkbox]").first
-        boot_check.check(force=True)  # the toggle's input is styled away
-        assert boot_check.is_checked()
+        boot_check = _field(page, "Verify Boot").get_by_role("switch")
+        boot_check.focus()
+        boot_check.press("Space")
+        expect(boot_check).to_have_attribute("aria-checked", "true")
         shot("run-form")
         page.get_by_role("button", name="Submit").click()
 
