@@ -165,6 +165,8 @@ def test_local_storage_needs_directory_pools():
 
     storage = TemporaryStorage(shared=False, host_path="/var/lib/v2k", reserve_bytes=0)
     types = {"default": "dir", "nfs": "netfs", "vg0": "logical", "gone": None}
-    found = local_storage_rules(_spec(), storage, _local_choice(), use_ovftool=True, pool_types=types)
+    found = local_storage_rules(
+        _spec(), storage, _local_choice(), use_ovftool=True, pool_types=types
+    )
     assert [c.rule for c in found] == ["local-storage-pool-type"]
     assert "'vg0'" in found[0].message and "'logical'" in found[0].message
