@@ -169,7 +169,8 @@ def upload_volume(
     return vol
 
 
-# Pool types whose volumes are files in the pool's directory on the host.
+# Pool types whose volumes are plain files in the pool's directory on the host: what a
+# copy on the host (qemu-img convert, for local temporary storage) can write into.
 FILE_POOL_TYPES = ("dir", "fs", "netfs")
 _QEMU_IMG_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 

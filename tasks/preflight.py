@@ -101,11 +101,6 @@ def host_rules(spec: VmSpec, import_host: HostProbe) -> list[Concern]:
     return concerns
 
 
-# Pool types whose volumes are plain files in the pool's directory on the host, which is
-# what a copy on the host (qemu-img convert) can write into.
-DIRECTORY_POOL_TYPES = ("dir", "fs", "netfs")
-
-
 def temporary_need(spec: VmSpec, storage: TemporaryStorage) -> int:
     """Bytes of temporary storage a run needs at most."""
     # The export and virt-v2v's output both live there until the import is done.
@@ -202,7 +197,7 @@ def local_storage_rules(
         )
     else:
         for pool, kind in pool_types.items():
-            if kind is not None and kind not in DIRECTORY_POOL_TYPES:
+            if kind is not None and kind not in kvm.FILE_POOL_TYPES:
                 concerns.append(
                     Concern(
                         rule="local-storage-pool-type",
@@ -210,7 +205,7 @@ def local_storage_rules(
                         message=(
                             f"pool {pool!r} on {convert} is of type {kind!r}; with temporary "
                             "storage local to the host, v2k copies the disks into the pool's "
-                            f"directory on the host, which only {', '.join(DIRECTORY_POOL_TYPES)} "
+                            f"directory on the host, which only {', '.join(kvm.FILE_POOL_TYPES)} "
                             "pools have."
                         ),
                         fix=(

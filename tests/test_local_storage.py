@@ -19,6 +19,7 @@ from flows.migrate import migrate_vm
 from flows.plan import plan
 from tasks import kvm
 from tasks import vcenter as vc
+from tasks.cleanup import remove_tree_on_host
 from tasks.hosts import remote
 from tasks.inventory import list_vms
 from tasks.preflight import PreflightError
@@ -293,3 +294,12 @@ def test_real_guest_through_local_storage_boots(bed, bed_blocks, local_storage, 
     finally:
         kvm.remove_domain(conn, target)
         kvm.remove_volumes(conn, [(bed.libvirtd.pool, volume)])
+
+
+@pytest.mark.parametrize(
+    "path", ["/srv/v2k", "/srv/v2k/", "/srv/v2k/a/../..", "/srv/v2k-x/y", "/etc"]
+)
+def test_removal_on_the_host_refuses_anything_but_a_run_directory(path):
+    # Refused from the names alone, before any command reaches the host (no connection).
+    with pytest.raises(ValueError, match="refusing to remove"):
+        remove_tree_on_host(None, path, "/srv/v2k")
