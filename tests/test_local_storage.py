@@ -12,6 +12,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from blocks import KvmHost, TemporaryStorage
@@ -50,6 +51,13 @@ def _ovftool_calls(bed_blocks) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def _xml(dom) -> str:
+    try:
+        return dom.XMLDesc()
+    except libvirt.libvirtError:  # undefined meanwhile by another test bed
+        return ""
+
+
 def _state(bed, local_dir: Path) -> dict:
     """What a run could leave behind: domains, volumes, files, vCenter VMs."""
     conn = bed.libvirtd.conn
@@ -58,7 +66,13 @@ def _state(bed, local_dir: Path) -> dict:
     with bed.vcsim.connect() as si:
         vms = list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
     return {
-        "domains": sorted(d.name() for d in conn.listAllDomains()),
+        # The libvirtd is shared with other test beds: only domains on this bed's pool or
+        # networks can come from this bed.
+        "domains": sorted(
+            d.name()
+            for d in conn.listAllDomains()
+            if any(name in _xml(d) for name in (bed.libvirtd.pool, *bed.libvirtd.networks))
+        ),
         "volumes": sorted(pool.listVolumes()),
         "scratch": sorted(str(p) for p in Path(bed.scratch).rglob("*")),
         "local": sorted(str(p) for p in local_dir.rglob("*")),
