@@ -27,7 +27,7 @@ from blocks import (
 from blocks.vcenter import VCenterError
 from tasks import events, kvm, resume
 from tasks import vcenter as vc
-from tasks.cleanup import remove_tree
+from tasks.cleanup import remove_tree, remove_tree_on_host
 from tasks.convert import convert_vm
 from tasks.export import run_export
 from tasks.guestos import choose_osinfo
@@ -43,7 +43,7 @@ from tasks.models import (
     StageReport,
     VmSpec,
 )
-from tasks.ovftool import exported_from_manifest, run_ovftool
+from tasks.ovftool import exported_from_manifest, exported_on_host, run_ovftool
 from tasks.preflight import (
     BlockNotFound,
     Preflight,
@@ -52,6 +52,7 @@ from tasks.preflight import (
     load_blocks,
     preflight,
     refuse_critical,
+    storage_rules,
 )
 from tasks.progress import Progress, artifact_key
 from tasks.resume import resumable
@@ -112,7 +113,9 @@ def select_hosts_task(
     cluster = KvmCluster.load(request.cluster)
     if not cluster.enabled:
         raise HostSelectionError(f"cluster {request.cluster!r} is disabled")
-    probes = probe_hosts(cluster.load_hosts())
+    storage = TemporaryStorage.load(request.temporary_storage)
+    hosts = cluster.load_hosts()
+    probes = probe_hosts(hosts, scratch=_local_scratch(storage))
     choice = choose_hosts(
         probes,
         windows=spec.is_windows,
@@ -120,12 +123,21 @@ def select_hosts_task(
         import_=request.import_host,
         export=request.export_host,
         use_ovftool=use_ovftool,
+        local_storage=not storage.shared,
     )
     for reason in choice.reasons:
         get_run_logger().info("host %s", reason)
     import_probe = next(p for p in probes if p.name == choice.import_)
-    refuse_critical(host_rules(spec, import_probe))
+    refuse_critical(
+        host_rules(spec, import_probe)
+        + storage_rules(spec, storage, cluster, hosts, choice, use_ovftool=use_ovftool)
+    )
     return choice
+
+
+def _local_scratch(storage: TemporaryStorage) -> str | None:
+    """The directory the host probes look at: local temporary storage lives on the hosts."""
+    return None if storage.shared else storage.host_dir
 
 
 @task(
@@ -142,7 +154,8 @@ def ovftool_export_task(
     run_key: str,
     resume_token: str | None = None,
 ) -> ExportResult:
-    """Export on a KVM host with ovftool into the (shared) temporary storage."""
+    """Export on a KVM host with ovftool into the temporary storage (shared, or local to
+    that host, which is then the convert host too)."""
     storage = TemporaryStorage.load(request.temporary_storage)
     host = KvmHost.load(host_name)
     progress = Progress(artifact_key(run_key, "export"), f"ovftool export on {host_name}")
@@ -157,6 +170,9 @@ def ovftool_export_task(
             env=host.env,
             on_percent=lambda p: progress.step(p, f"{p}%"),
         )
+        if not storage.shared:
+            # Only the host sees what it wrote: describe it from there.
+            return exported_on_host(conn, ovf_dir, source_moref=spec.moref)
     return exported_from_manifest(Path(directory) / Path(ovf_dir).name, source_moref=spec.moref)
 
 
@@ -229,6 +245,7 @@ def import_task(
     # An import of this run that did not finish (the worker died in it) is undone first.
     _remove_run_domains(request, str(flow_run.get_id() or ""))
     cluster = KvmCluster.load(request.cluster)
+    storage = TemporaryStorage.load(request.temporary_storage)
     host = KvmHost.load(host_name)
     nics = [
         (nic, *kvm.network_target(nic, cluster.network_map, cluster.default_network))
@@ -257,6 +274,8 @@ def import_task(
                 on_progress=progress.bytes,
                 wanted_type=host.domain_type,
                 osinfo=converted.osinfo,
+                # Local temporary storage: the disks are on this host only, copied there.
+                on_host=not storage.shared,
             )
         result = ImportResult(
             domain_name=dom.name(),
@@ -362,7 +381,38 @@ def _remove_clone(request: MigrationRequest, run_id: str) -> None:
 
 def _remove_run_dir(request: MigrationRequest, run_id: str) -> None:
     storage = TemporaryStorage.load(request.temporary_storage)
-    remove_tree(Path(storage.worker_path) / f"v2k-{run_id}", Path(storage.worker_path))
+    if storage.shared:
+        remove_tree(Path(storage.run_dir(run_id)), Path(storage.worker_path))
+    else:
+        _remove_run_dir_on_hosts(request, storage, run_id)
+
+
+def _remove_run_dir_on_hosts(
+    request: MigrationRequest, storage: TemporaryStorage, run_id: str
+) -> None:
+    """Local temporary storage: remove the run's directory over SSH on every enabled host.
+
+    Cleanup also runs from the crash and cancellation hooks, which do not know the host
+    that was chosen, and the directory's name is the run's own, so every host is asked.
+
+    Raises:
+        RuntimeError: a host could not be reached or the removal failed (each is named;
+            the other hosts are still cleaned).
+    """
+    logger = get_run_logger()
+    path = storage.run_dir(run_id)
+    failed = []
+    for name, host in KvmCluster.load(request.cluster).load_hosts().items():
+        if not host.enabled:
+            continue
+        try:
+            with host.get_connection() as conn:
+                if remove_tree_on_host(conn, path, storage.host_dir):
+                    logger.info("removed %s on %s", path, name)
+        except Exception as exc:  # noqa: BLE001 - every host is tried; failures are reported
+            failed.append(f"{name}: {exc}")
+    if failed:
+        raise RuntimeError(f"{path} may be left on: " + "; ".join(failed))
 
 
 def _remove_run_domains(request: MigrationRequest, flow_run_id: str) -> None:
@@ -538,7 +588,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         lambda r: "; ".join(r.reasons),
     )
     run_key = artifact_key(spec.moref, run_id)
-    run_dir = Path(storage.worker_path) / f"v2k-{run_id}"
+    run_dir = Path(storage.run_dir(run_id))  # on the convert host when storage is local
     source = spec
     if spec.power_state == "poweredOn":
         source = timed(
@@ -547,8 +597,12 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
             lambda r: f"clone {r.name} ({r.moref})",
         )
     export_dir, export_token = run_dir / "export", token
-    reusable = resume.export_scope(source.instance_uuid, source.change_version)
-    if request.reuse_exports and reusable:
+    reusable = None
+    if request.reuse_exports and not storage.shared:
+        get_run_logger().warning("reuse_exports needs shared temporary storage: not reused")
+    elif request.reuse_exports:
+        reusable = resume.export_scope(source.instance_uuid, source.change_version)
+    if reusable:
         export_dir = _reusable_export_dir(storage, reusable)
         export_token = resume.resume_token(reusable)
         get_run_logger().info("export in %s, reused by later runs until one succeeds", export_dir)
@@ -600,7 +654,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
             ),
             lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
         )
-    if request.reuse_exports and reusable:
+    if reusable:
         # Migrated: nobody needs this state of the VM exported any more.
         remove_tree(export_dir, Path(storage.worker_path))
         resume.forget(reusable)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import posixpath
+import shlex
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+# The path comes in as $1, never in the script; "removed" tells that there was something.
+_REMOVE = '[ -e "$1" ] || [ -L "$1" ] || exit 0; rm -rf -- "$1" && echo removed'
 
 
 def remove_tree(path: Path, inside: Path) -> None:
@@ -12,3 +17,32 @@ def remove_tree(path: Path, inside: Path) -> None:
     if path == inside or inside not in path.parents:
         raise ValueError(f"refusing to remove {path}: not inside {inside}")
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_tree_on_host(conn, path: str, inside: str, timeout: float = 600) -> bool:
+    """Remove a run's temporary directory on a KVM host (over `conn`), only inside `inside`.
+
+    The check is on the normalised path names (the host's file system is not visible
+    here); `rm -rf` does not follow a symbolic link, so a link inside cannot lead out.
+
+    Returns:
+        True when there was something to remove.
+
+    Raises:
+        ValueError: `path` is not strictly inside `inside`.
+        RuntimeError: the removal failed on the host.
+    """
+    target = PurePosixPath(posixpath.normpath(path))
+    base = PurePosixPath(posixpath.normpath(inside))
+    if not base.is_absolute() or target == base or base not in target.parents:
+        raise ValueError(f"refusing to remove {path} on the host: not inside {inside}")
+    result = conn.run(
+        f"sh -c {shlex.quote(_REMOVE)} sh {shlex.quote(str(target))}",
+        hide=True,
+        warn=True,
+        in_stream=False,
+        timeout=timeout,
+    )
+    if result.exited != 0:
+        raise RuntimeError(f"rm -rf {target} failed: {result.stderr.strip()[-300:]}")
+    return "removed" in result.stdout

@@ -24,6 +24,10 @@ for f in /usr/share/OVMF/OVMF_CODE*.fd /usr/share/edk2/ovmf/OVMF_CODE*.fd; do
   case "$f" in *secboot*|*.ms.fd) echo ovmf_secure_boot=1;; esac
 done
 echo "free_bytes=$(df -P -B1 -- {workdir} | awk 'NR==2 {print $4}')"
+scratch={scratch}
+if [ -n "$scratch" ] && [ -d "$scratch" ] && [ -w "$scratch" ]; then
+  echo "scratch_free_bytes=$(df -P -B1 -- "$scratch" | awk 'NR==2 {print $4}')"
+fi
 """
 
 
@@ -37,10 +41,19 @@ def remote(argv: list[str], env: dict[str, str] | None = None) -> str:
     return shlex.join(prefix + argv)
 
 
-def probe_host(name: str, host: KvmHost, timeout: float = 60) -> HostProbe:
-    """Probe one host: virt-v2v, nbdkit, ovftool, qemu-img, virtio-win, free space."""
-    script = _PROBE.replace("{workdir}", shlex.quote(host.workdir)).replace(
-        "{virtio_win}", shlex.quote(host.virtio_win)
+def probe_host(
+    name: str, host: KvmHost, timeout: float = 60, scratch: str | None = None
+) -> HostProbe:
+    """Probe one host: virt-v2v, nbdkit, ovftool, qemu-img, virtio-win, free space.
+
+    Args:
+        scratch: local temporary storage to look at on the host: its free space, or
+            `scratch_free_bytes=None` when it is not a writable directory there.
+    """
+    script = (
+        _PROBE.replace("{workdir}", shlex.quote(host.workdir))
+        .replace("{virtio_win}", shlex.quote(host.virtio_win))
+        .replace("{scratch}", shlex.quote(scratch or ""))
     )
     try:
         with host.get_connection() as conn:
@@ -65,6 +78,7 @@ def probe_host(name: str, host: KvmHost, timeout: float = 60) -> HostProbe:
         if value.strip():
             found[key.strip()] = value.strip()
     free = found.get("free_bytes", "")
+    scratch_free = found.get("scratch_free_bytes", "")
     return HostProbe(
         name=name,
         reachable=True,
@@ -76,11 +90,20 @@ def probe_host(name: str, host: KvmHost, timeout: float = 60) -> HostProbe:
         ovmf="ovmf" in found,
         ovmf_secure_boot="ovmf_secure_boot" in found,
         free_bytes=int(free) if free.isdigit() else None,
+        scratch_path=scratch,
+        scratch_free_bytes=int(scratch_free) if scratch_free.isdigit() else None,
     )
 
 
-def probe_hosts(hosts: dict[str, KvmHost], timeout: float = 60) -> list[HostProbe]:
-    """Probe every enabled host at once; disabled hosts are listed as such, not contacted."""
+def probe_hosts(
+    hosts: dict[str, KvmHost], timeout: float = 60, scratch: str | None = None
+) -> list[HostProbe]:
+    """Probe every enabled host at once; disabled hosts are listed as such, not contacted.
+
+    Args:
+        scratch: local temporary storage (TemporaryStorage.host_dir when not shared) whose
+            free space each host reports.
+    """
     enabled = {name: host for name, host in hosts.items() if host.enabled}
     probes = [
         HostProbe(name=name, reachable=False, error="disabled in its KvmHost block")
@@ -89,7 +112,7 @@ def probe_hosts(hosts: dict[str, KvmHost], timeout: float = 60) -> list[HostProb
     ]
     if enabled:
         with ThreadPoolExecutor(max_workers=min(16, len(enabled))) as pool:
-            futures = [pool.submit(probe_host, n, h, timeout) for n, h in enabled.items()]
+            futures = [pool.submit(probe_host, n, h, timeout, scratch) for n, h in enabled.items()]
             probes += [f.result() for f in futures]
     return sorted(probes, key=lambda p: p.name)
 
@@ -102,9 +125,16 @@ def choose_hosts(
     import_: str | None = None,
     export: str | None = None,
     use_ovftool: bool = True,
+    local_storage: bool = False,
     rng: random.Random | None = None,
 ) -> HostChoice:
     """Pick the convert and import hosts: the named ones if able, else at random among the able.
+
+    With `local_storage` (temporary storage on the convert host only) one host does the
+    export, the conversion and the import: a host named for any of them is the convert
+    host, the unnamed roles go to it, and among unnamed choices hosts with ovftool come
+    first. Named hosts that differ are kept as named; `preflight.local_storage_rules`
+    refuses them with the reason.
 
     Raises:
         HostSelectionError: a named host is not in the cluster or cannot convert, or no
@@ -141,9 +171,29 @@ def choose_hosts(
         reasons.append(f"{role}: {chosen} (random among {', '.join(candidates)})")
         return chosen
 
+    named_for = None
+    preferred = False
+    if local_storage and convert is None:
+        with_ovftool = [n for n in able if by_name[n].ovftool]
+        if export or import_:
+            # The named host must convert too: the only copy of the disks stays on it.
+            named_for = "export" if export else "import"
+            convert = export or import_
+        elif use_ovftool and with_ovftool:
+            able, preferred = with_ovftool, True  # it has to export with ovftool too
     convert_host = pick("convert", convert, need_convert=True)
-    import_host = pick("import", import_, need_convert=False)
-    export_host = _pick_export(by_name, export, use_ovftool, convert_host, reasons)
+    if named_for:
+        reasons[-1] = f"convert: {convert_host} (named for {named_for}; temporary storage is local)"
+    elif preferred:
+        reasons[-1] += " (temporary storage is local: hosts with ovftool first)"
+    if local_storage and import_ is None:
+        import_host = convert_host
+        reasons.append(f"import: {import_host} (the converted disks stay on it)")
+    else:
+        import_host = pick("import", import_, need_convert=False)
+    export_host = _pick_export(
+        by_name, export, use_ovftool, convert_host, reasons, local_storage=local_storage
+    )
     return HostChoice(
         convert=convert_host,
         import_=import_host,
@@ -159,8 +209,12 @@ def _pick_export(
     use_ovftool: bool,
     convert_host: str,
     reasons: list[str],
+    local_storage: bool = False,
 ) -> str | None:
-    """The KVM host that exports with ovftool, or None for the worker's own export."""
+    """The KVM host that exports with ovftool, or None for the worker's own export.
+
+    With local storage only the convert host can write there, so no other host is chosen.
+    """
     if wanted is not None:
         probe = by_name.get(wanted)
         if probe is None:
@@ -171,9 +225,15 @@ def _pick_export(
         reasons.append(f"export: {wanted} with ovftool (named)")
         return wanted
     able = sorted(n for n, p in by_name.items() if p.reachable and p.ovftool)
+    if local_storage:
+        able = [n for n in able if n == convert_host]
     if not use_ovftool or not able:
         why = "force_ms_export is set" if not use_ovftool else "no host has ovftool"
-        reasons.append(f"export: the worker, through the vSphere API ({why})")
+        if local_storage:
+            why = "force_ms_export is set" if not use_ovftool else f"{convert_host} has no ovftool"
+            reasons.append(f"export: none possible ({why}; the storage is local to {convert_host})")
+        else:
+            reasons.append(f"export: the worker, through the vSphere API ({why})")
         return None
     # The convert host reads the export fastest when it wrote it itself.
     chosen = convert_host if convert_host in able else able[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -102,6 +103,15 @@ def pool_free_bytes(conn: libvirt.virConnect, pool_name: str) -> int:
     return pool.info()[3]
 
 
+def pool_type(conn: libvirt.virConnect, pool_name: str) -> str | None:
+    """The libvirt type of a pool (`dir`, `logical`, ...); None when there is no such pool."""
+    try:
+        pool = conn.storagePoolLookupByName(pool_name)
+    except libvirt.libvirtError:
+        return None
+    return ET.fromstring(pool.XMLDesc(0)).get("type")
+
+
 def lookup_pool(conn: libvirt.virConnect, pool_name: str) -> libvirt.virStoragePool:
     try:
         pool = conn.storagePoolLookupByName(pool_name)
@@ -154,6 +164,105 @@ def upload_volume(
             stream.abort()
         finally:
             vol.delete(0)
+        raise
+    pool.refresh()
+    return vol
+
+
+# Pool types whose volumes are plain files in the pool's directory on the host: what a
+# copy on the host (qemu-img convert, for local temporary storage) can write into.
+FILE_POOL_TYPES = ("dir", "fs", "netfs")
+_QEMU_IMG_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+
+
+class _PercentSink:
+    """fabric out_stream for `qemu-img convert -p`: `(12.50/100%)` becomes bytes done."""
+
+    def __init__(self, total: int, on_progress: Callable[[int, int], None] | None) -> None:
+        self.total = total
+        self.on_progress = on_progress
+
+    def write(self, data: str) -> int:
+        for match in _QEMU_IMG_PERCENT.finditer(data):
+            if self.on_progress:
+                self.on_progress(int(self.total * float(match.group(1)) / 100), self.total)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def place_volume(
+    pool: libvirt.virStoragePool,
+    host_conn,
+    name: str,
+    source: str,
+    virtual_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
+    timeout_seconds: float = 3 * 3600,
+) -> libvirt.virStorageVol:
+    """Create a qcow2 volume with libvirt and fill it on the host from a file there.
+
+    For temporary storage local to the host, which the worker cannot read: libvirt
+    creates (and so tracks) the volume, then `qemu-img convert` on the host copies the
+    converted disk into the volume's file, sparsely, under a hard remote timeout.
+
+    Args:
+        source: the qcow2 file as the host sees it.
+
+    Raises:
+        KvmImportError: the pool is not a directory pool, the source is missing on the
+            host, or the copy failed (the volume is deleted again).
+    """
+    from tasks.hosts import remote
+
+    kind = ET.fromstring(pool.XMLDesc(0)).get("type")
+    if kind not in FILE_POOL_TYPES:
+        raise KvmImportError(
+            f"pool {pool.name()!r} is of type {kind!r}: a disk in the host's local temporary "
+            f"storage can only be copied into a {', '.join(FILE_POOL_TYPES)} pool"
+        )
+    # Before anything is created: a missing file creates nothing.
+    found = host_conn.run(
+        remote(["qemu-img", "info", "--", source]),
+        hide=True,
+        warn=True,
+        in_stream=False,
+        timeout=120,
+    )
+    if found.exited != 0:
+        raise KvmImportError(
+            f"converted disk {source} is not readable on the import host: "
+            f"{found.stderr.strip()[-300:]}"
+        )
+    vol_xml = (
+        f"<volume><name>{_escape(name)}</name><capacity>{virtual_size}</capacity>"
+        "<allocation>0</allocation><target><format type='qcow2'/></target></volume>"
+    )
+    vol = pool.createXML(vol_xml, 0)
+    try:
+        # -n writes into libvirt's volume file (keeping its owner and mode); the new qcow2
+        # reads as zeros, so --target-is-zero skips writing the zeros and keeps it sparse.
+        argv = ["timeout", "--kill-after=30", f"{int(timeout_seconds)}s"]
+        argv += ["qemu-img", "convert", "-p", "-n", "--target-is-zero"]
+        argv += ["-f", "qcow2", "-O", "qcow2", "--", source, vol.path()]
+        result = host_conn.run(
+            remote(argv),
+            out_stream=_PercentSink(virtual_size, on_progress),
+            hide="stderr",
+            warn=True,
+            in_stream=False,
+            timeout=timeout_seconds + 120,
+        )
+        if result.exited != 0:
+            why = (
+                f"did not finish in {timeout_seconds:.0f} s"
+                if result.exited in (124, 137)
+                else f"exited {result.exited}: {result.stderr.strip()[-300:]}"
+            )
+            raise KvmImportError(f"qemu-img convert of {source} into {name!r} {why}")
+    except BaseException:
+        vol.delete(0)
         raise
     pool.refresh()
     return vol
@@ -414,14 +523,18 @@ def import_disks_and_define(
     on_progress: Callable[[int, int], None] | None = None,
     wanted_type: str = "auto",
     osinfo: str | None = None,
+    on_host: bool = False,
 ) -> tuple[libvirt.virDomain, list[tuple[str, str]], str]:
     """Upload each converted disk into its pool, check it, and define the domain.
 
     Whatever this creates is removed again if a later step of it fails.
 
     Args:
-        sources: (qcow2 file as the worker sees it, virtual size) per disk, in order.
+        sources: (qcow2 file as the worker sees it, virtual size) per disk, in order;
+            with `on_host`, the file as the import host sees it.
         pools: destination pool per disk.
+        on_host: the files are on the import host only (local temporary storage): each is
+            copied there into its volume (`place_volume`) instead of streamed by the worker.
 
     Returns:
         The domain, its (pool, volume) list, and the domain type used.
@@ -437,7 +550,10 @@ def import_disks_and_define(
                     f"volume {vol_name!r} already exists in pool {pool_name!r}: remove it or "
                     "choose another target name"
                 )
-            vol = upload_volume(conn, pool, vol_name, path, virtual_size, on_progress)
+            if on_host:
+                vol = place_volume(pool, host_conn, vol_name, str(path), virtual_size, on_progress)
+            else:
+                vol = upload_volume(conn, pool, vol_name, path, virtual_size, on_progress)
             created.append((pool_name, vol_name))
             check_volume(host_conn, vol.path())
         v2v = parse_v2v_xml(v2v_xml)

@@ -173,7 +173,14 @@ class HostProbe(BaseModel):
     virtio_win: bool = False
     ovmf: bool = Field(default=False, description="UEFI firmware (OVMF) is installed.")
     ovmf_secure_boot: bool = Field(default=False, description="A secure-boot OVMF build is.")
-    free_bytes: int | None = None
+    free_bytes: int | None = Field(default=None, description="Free bytes in the host's workdir.")
+    scratch_path: str | None = Field(
+        default=None, description="Local temporary storage probed on this host, if any."
+    )
+    scratch_free_bytes: int | None = Field(
+        default=None,
+        description="Free bytes there; None when it is not a writable directory on the host.",
+    )
 
     def can_convert(self, windows: bool) -> str | None:
         """Why this host cannot run virt-v2v for the guest, or None when it can."""

@@ -126,29 +126,67 @@ def run_ovftool(
 
 def exported_from_manifest(directory: Path, source_moref: str) -> ExportResult:
     """Describe what ovftool wrote (as the worker sees it), with its manifest's checksums."""
-    ovf = next(directory.glob("*.ovf"))
+    manifests = "\n".join(m.read_text() for m in directory.glob("*.mf"))
+    sizes = {path.name: path.stat().st_size for path in directory.iterdir() if path.is_file()}
+    return _describe(str(directory), sizes, manifests, source_moref)
+
+
+# Every file of the directory as `SIZE NAME\0` (names may hold anything but / and NUL),
+# then the manifests; the directory comes in as $1, never in the script.
+_LIST_EXPORT = (
+    'cd -- "$1" && find . -maxdepth 1 -type f -printf "%s %f\\0" && '
+    'printf \'\\0\' && for m in ./*.mf; do [ -e "$m" ] && cat -- "$m"; done; true'
+)
+
+
+def exported_on_host(conn, directory: str, source_moref: str) -> ExportResult:
+    """Describe what ovftool wrote into a directory that only the host behind `conn` sees
+    (temporary storage local to the host), with its manifest's checksums.
+
+    Raises:
+        OvftoolError: the directory cannot be listed on the host.
+    """
+    result = conn.run(
+        f"sh -c {shlex.quote(_LIST_EXPORT)} sh {shlex.quote(directory)}",
+        hide=True,
+        warn=True,
+        in_stream=False,
+        timeout=60,
+    )
+    if result.exited != 0:
+        raise OvftoolError(f"cannot list {directory} on the export host: {result.stderr.strip()}")
+    listing, _, manifests = result.stdout.partition("\0\0")
+    sizes = {}
+    for entry in listing.split("\0"):
+        size, _, name = entry.partition(" ")
+        if size.isdigit():
+            sizes[name] = int(size)
+    return _describe(directory, sizes, manifests, source_moref)
+
+
+def _describe(
+    directory: str, sizes: dict[str, int], manifests: str, source_moref: str
+) -> ExportResult:
+    """The ExportResult of an ovftool directory from its file sizes and manifest text."""
+    ovf = next((name for name in sizes if name.endswith(".ovf")), None)
+    if ovf is None:
+        raise OvftoolError(f"ovftool wrote no .ovf descriptor into {directory}")
     sums: dict[str, str] = {}
-    for manifest in directory.glob("*.mf"):
-        for line in manifest.read_text().splitlines():
-            match = re.match(r"SHA256\((.+)\)=\s*([0-9a-f]+)", line)
-            if match:
-                sums[match.group(1)] = match.group(2)
+    for line in manifests.splitlines():
+        match = re.match(r"SHA256\((.+)\)=\s*([0-9a-f]+)", line)
+        if match:
+            sums[match.group(1)] = match.group(2)
+    vmdks = sorted((name for name in sizes if name.endswith(".vmdk")), key=_disk_number)
     disks = [
         ExportedDisk(
-            key=index,
-            file_name=path.name,
-            bytes=path.stat().st_size,
-            sha256=sums.get(path.name, ""),
-            seconds=0.0,
+            key=index, file_name=name, bytes=sizes[name], sha256=sums.get(name, ""), seconds=0.0
         )
-        for index, path in enumerate(sorted(directory.glob("*.vmdk"), key=_disk_number))
+        for index, name in enumerate(vmdks)
     ]
-    return ExportResult(
-        directory=str(directory), ovf=ovf.name, disks=disks, source_moref=source_moref
-    )
+    return ExportResult(directory=directory, ovf=ovf, disks=disks, source_moref=source_moref)
 
 
-def _disk_number(path: Path) -> int:
+def _disk_number(name: str) -> int:
     """ovftool names disks NAME-disk1.vmdk, NAME-disk2.vmdk, ...: order by that number."""
-    numbers = re.findall(r"\d+", path.stem)
+    numbers = re.findall(r"\d+", Path(name).stem)
     return int(numbers[-1]) if numbers else 0

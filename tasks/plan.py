@@ -13,7 +13,7 @@ from tasks import kvm
 from tasks.convert import virt_v2v_argv
 from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
 from tasks.models import HostChoice, HostProbe, MigrationRequest, VmSpec
-from tasks.preflight import Concern, check, host_rules
+from tasks.preflight import Concern, check, host_rules, storage_rules, temporary_need
 from tasks.progress import human_bytes
 
 
@@ -62,7 +62,8 @@ def make_plan(request: MigrationRequest) -> Plan:
     storage = TemporaryStorage.load(request.temporary_storage)
     settings = MigrationSettings.load(request.settings) if request.settings else MigrationSettings()
 
-    probes = probe_hosts(hosts)
+    use_ovftool = not settings.force_ms_export
+    probes = probe_hosts(hosts, scratch=None if storage.shared else storage.host_dir)
     choice = None
     try:
         choice = choose_hosts(
@@ -70,6 +71,9 @@ def make_plan(request: MigrationRequest) -> Plan:
             windows=spec.is_windows,
             convert=request.convert_host,
             import_=request.import_host,
+            export=request.export_host,
+            use_ovftool=use_ovftool,
+            local_storage=not storage.shared,
         )
     except HostSelectionError as exc:
         concerns.append(
@@ -82,6 +86,7 @@ def make_plan(request: MigrationRequest) -> Plan:
         )
     if choice is not None:
         concerns += host_rules(spec, next(p for p in probes if p.name == choice.import_))
+        concerns += storage_rules(spec, storage, cluster, hosts, choice, use_ovftool=use_ovftool)
 
     nics = []
     for nic in spec.nics:
@@ -92,15 +97,7 @@ def make_plan(request: MigrationRequest) -> Plan:
             mapped = None
         nics.append(NicPlan(label=nic.label, mac=nic.mac, portgroup=nic.portgroup, target=mapped))
 
-    space = [
-        SpacePlan(
-            place=f"temporary storage {storage.worker_path}",
-            needed=2 * spec.total_disk_bytes + storage.reserve_bytes,
-            free=shutil.disk_usage(storage.worker_path).free
-            if Path(storage.worker_path).is_dir()
-            else None,
-        )
-    ]
+    space = [_temporary_space(spec, storage, choice)]
     if choice is not None:
         space.append(_pool_space(hosts[choice.import_], cluster.storage_pool, spec))
 
@@ -114,6 +111,25 @@ def make_plan(request: MigrationRequest) -> Plan:
         nics=nics,
         space=space,
         commands=_commands(spec, target, storage, cluster, settings, choice),
+    )
+
+
+def _temporary_space(spec: VmSpec, storage, choice: HostChoice | None) -> SpacePlan:
+    """Room in temporary storage: on the worker when shared, on the convert host when local."""
+    needed = temporary_need(spec, storage)
+    if storage.shared:
+        free = (
+            shutil.disk_usage(storage.worker_path).free
+            if Path(storage.worker_path).is_dir()
+            else None
+        )
+        return SpacePlan(place=f"temporary storage {storage.worker_path}", needed=needed, free=free)
+    convert = choice.convert if choice else "<no host>"
+    probe = next((p for p in choice.probes if p.name == convert), None) if choice else None
+    return SpacePlan(
+        place=f"temporary storage {storage.host_dir} on {convert} (local)",
+        needed=needed,
+        free=probe.scratch_free_bytes if probe else None,
     )
 
 
@@ -133,16 +149,23 @@ def _pool_space(host, pool: str, spec: VmSpec) -> SpacePlan:
 
 
 def _commands(spec, target, storage, cluster, settings, choice) -> list[str]:
-    run = f"{storage.worker_path}/v2k-<run>"
-    host_run = storage.path_on_host(run) if storage.host_path else run
+    run = storage.run_dir("<run>")
+    host_run = storage.path_on_host(run)
     steps = []
     if spec.power_state == "poweredOn":
         steps.append(f"CloneVM_Task {spec.moref} -> v2k-clone-<run> (powered off, thin)")
-    threads = settings.download_threads(len(spec.disks))
-    steps.append(
-        f"ExportVm {spec.moref}: {len(spec.disks)} disk(s) over HTTPS to {run}/export, "
-        f"{threads} at a time; OvfManager.CreateDescriptor -> vm.ovf"
-    )
+    if choice is not None and choice.export:
+        threads = settings.ovftool_threads(len(spec.disks))
+        argv = ["ovftool", "--acceptAllEulas"]
+        argv += [f"--parallelThreads={threads}"] if threads is not None else []
+        argv += [f"vi://USER@VCENTER/{'/'.join(spec.inventory_names)}", f"{host_run}/export"]
+        steps.append(f"on {choice.export}: {shlex.join(argv)} (password typed on stdin)")
+    else:
+        threads = settings.download_threads(len(spec.disks))
+        steps.append(
+            f"ExportVm {spec.moref}: {len(spec.disks)} disk(s) over HTTPS to {run}/export, "
+            f"{threads} at a time; OvfManager.CreateDescriptor -> vm.ovf"
+        )
     argv = virt_v2v_argv(
         f"{host_run}/export", f"{host_run}/out", target, verbose=settings.virt_v2v_verbose
     )
@@ -151,10 +174,12 @@ def _commands(spec, target, storage, cluster, settings, choice) -> list[str]:
     steps.append(f"on {where}: {env}{shlex.join(argv)}")
     pools = [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
     into = choice.import_ if choice else "<no host>"
+    # Local storage: the qcow2s are on the host only, so they are copied there.
+    fill = "qemu-img convert on the host into it" if not storage.shared else "upload"
     for index, (disk, pool) in enumerate(zip(spec.disks, pools, strict=True)):
         steps.append(
             f"on {into}: create volume {pool}/{target}-disk{index}.qcow2 "
-            f"({human_bytes(disk.capacity_bytes)}), upload, qemu-img check"
+            f"({human_bytes(disk.capacity_bytes)}), {fill}, qemu-img check"
         )
     steps.append(
         f"on {into}: define domain {target}: {spec.num_cpu} vCPU, {spec.memory_mb} MiB, "

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage, VCenter
 from tasks import kvm
 from tasks import vcenter as vc
-from tasks.models import HostProbe, MigrationRequest, VmSpec, libvirt_name
+from tasks.models import HostChoice, HostProbe, MigrationRequest, VmSpec, libvirt_name
 
 
 class Concern(BaseModel):
@@ -99,6 +99,184 @@ def host_rules(spec: VmSpec, import_host: HostProbe) -> list[Concern]:
             )
         )
     return concerns
+
+
+def temporary_need(spec: VmSpec, storage: TemporaryStorage) -> int:
+    """Bytes of temporary storage a run needs at most."""
+    # The export and virt-v2v's output both live there until the import is done.
+    return 2 * spec.total_disk_bytes + storage.reserve_bytes
+
+
+def local_storage_rules(
+    spec: VmSpec,
+    storage: TemporaryStorage,
+    choice: HostChoice,
+    *,
+    use_ovftool: bool,
+    pool_types: dict[str, str | None],
+) -> list[Concern]:
+    """Rules for temporary storage local to the convert host (`shared=False`).
+
+    The worker can neither write nor read that directory, so the convert host must export
+    it with ovftool and import from it; and the import copies each disk into its pool's
+    directory on the host. No rule applies to shared storage.
+
+    Args:
+        choice: the hosts select_hosts chose, with their probes (the probes looked at
+            `storage.host_dir`).
+        use_ovftool: False when force_ms_export is set.
+        pool_types: destination pool -> its libvirt type on the import host (None: unknown;
+            a missing pool is reported by the destination rules).
+    """
+    if storage.shared:
+        return []
+    concerns: list[Concern] = []
+    convert = choice.convert
+    where = f"temporary storage {storage.host_dir} is local to the convert host {convert}"
+    if choice.export is None and not use_ovftool:
+        concerns.append(
+            Concern(
+                rule="local-storage-ms-export",
+                severity="critical",
+                message=(
+                    f"force_ms_export makes the worker export, but {where} "
+                    "(TemporaryStorage.shared is false): the worker cannot write there."
+                ),
+                fix=(
+                    "turn force_ms_export off so that ovftool exports on the convert host, "
+                    "or use shared temporary storage"
+                ),
+            )
+        )
+    elif choice.export is None:
+        concerns.append(
+            Concern(
+                rule="local-storage-no-ovftool",
+                severity="critical",
+                message=(
+                    f"{where} (TemporaryStorage.shared is false), so ovftool must export on "
+                    f"{convert}, and {convert} has no ovftool."
+                ),
+                fix=(
+                    f"install ovftool on {convert}, name a convert host that has it, or use "
+                    "shared temporary storage"
+                ),
+            )
+        )
+    elif choice.export != convert:
+        concerns.append(
+            Concern(
+                rule="local-storage-export-host",
+                severity="critical",
+                message=(
+                    f"export host {choice.export} is not the convert host, and {where} "
+                    f"(TemporaryStorage.shared is false): {convert} could not read what "
+                    f"{choice.export} exports."
+                ),
+                fix=(
+                    f"name {convert} as export host too (or leave export_host empty), "
+                    "or use shared temporary storage"
+                ),
+            )
+        )
+    if choice.import_ != convert:
+        concerns.append(
+            Concern(
+                rule="local-storage-import-host",
+                severity="critical",
+                message=(
+                    f"import host {choice.import_} is not the convert host, and {where} "
+                    f"(TemporaryStorage.shared is false): the converted disks stay on "
+                    f"{convert}, which {choice.import_} cannot read."
+                ),
+                fix=(
+                    f"name {convert} as import host too (or leave import_host empty), "
+                    "or use shared temporary storage"
+                ),
+            )
+        )
+    else:
+        for pool, kind in pool_types.items():
+            if kind is not None and kind not in kvm.FILE_POOL_TYPES:
+                concerns.append(
+                    Concern(
+                        rule="local-storage-pool-type",
+                        severity="critical",
+                        message=(
+                            f"pool {pool!r} on {convert} is of type {kind!r}; with temporary "
+                            "storage local to the host, v2k copies the disks into the pool's "
+                            f"directory on the host, which only {', '.join(kvm.FILE_POOL_TYPES)} "
+                            "pools have."
+                        ),
+                        fix=(
+                            "map the datastore to a directory pool (storage_pool/storage_map), "
+                            "or use shared temporary storage"
+                        ),
+                    )
+                )
+    probe = next((p for p in choice.probes if p.name == convert), None)
+    if probe is not None and probe.scratch_free_bytes is None:
+        concerns.append(
+            Concern(
+                rule="temporary-storage",
+                severity="critical",
+                message=(
+                    f"temporary storage {storage.host_dir} is not a writable directory on the "
+                    f"convert host {convert}."
+                ),
+                fix=f"create it on {convert} (writable by its SSH user), or change host_path",
+            )
+        )
+    elif probe is not None:
+        need = temporary_need(spec, storage)
+        if probe.scratch_free_bytes < need:
+            concerns.append(
+                Concern(
+                    rule="temporary-space",
+                    severity="critical",
+                    message=(
+                        f"temporary storage {storage.host_dir} on {convert} has "
+                        f"{probe.scratch_free_bytes} bytes free, the export and conversion "
+                        f"need up to {need}."
+                    ),
+                    fix=f"free space there on {convert}, or point host_path at a larger place",
+                )
+            )
+    return concerns
+
+
+def storage_rules(
+    spec: VmSpec,
+    storage: TemporaryStorage,
+    cluster: KvmCluster,
+    hosts: dict[str, KvmHost],
+    choice: HostChoice,
+    *,
+    use_ovftool: bool,
+) -> list[Concern]:
+    """The temporary storage rules that need the chosen hosts (migrate-vm and plan both).
+
+    Shared storage was checked on the worker in preflight; local storage is checked here,
+    on the convert and import hosts.
+    """
+    if storage.shared:
+        return []
+    pool_types = import_pool_types(hosts[choice.import_], list(pool_needs(spec, cluster)))
+    return local_storage_rules(
+        spec, storage, choice, use_ovftool=use_ovftool, pool_types=pool_types
+    )
+
+
+def import_pool_types(host: KvmHost, pools: list[str]) -> dict[str, str | None]:
+    """pool -> libvirt pool type on a host; None for a pool libvirt cannot tell about."""
+    try:
+        conn = kvm.open_connection(host.get_libvirt_uri())
+    except Exception:  # noqa: BLE001 - unreachable: the destination rules report it
+        return dict.fromkeys(pools)
+    try:
+        return {pool: kvm.pool_type(conn, pool) for pool in pools}
+    finally:
+        conn.close()
 
 
 def name_rules(spec: VmSpec, requested: str | None) -> list[Concern]:
@@ -248,44 +426,10 @@ def destination_rules(
                     fix="add it to the cluster's network_map or set default_network",
                 )
             )
-    if not storage.shared:
-        concerns.append(
-            Concern(
-                rule="storage-not-shared",
-                severity="critical",
-                message=(
-                    "the worker exports into temporary storage that the convert host cannot "
-                    "see (TemporaryStorage.shared is false)."
-                ),
-                fix="use shared storage (NFS) mounted on the worker and the hosts",
-            )
-        )
-    workdir = Path(storage.worker_path)
-    if not workdir.is_dir():
-        concerns.append(
-            Concern(
-                rule="temporary-storage",
-                severity="critical",
-                message=f"temporary storage {storage.worker_path} does not exist on the worker.",
-                fix="create it, or mount the shared storage there",
-            )
-        )
-    else:
-        # The export and virt-v2v's output both live there until the import is done.
-        need = 2 * spec.total_disk_bytes + storage.reserve_bytes
-        free = shutil.disk_usage(workdir).free
-        if free < need:
-            concerns.append(
-                Concern(
-                    rule="temporary-space",
-                    severity="critical",
-                    message=(
-                        f"temporary storage {storage.worker_path} has {free} bytes free, "
-                        f"the export and conversion need up to {need}."
-                    ),
-                    fix="free space there or point TemporaryStorage at a larger place",
-                )
-            )
+    if storage.shared:
+        concerns += _worker_storage_rules(spec, storage)
+    # Local storage lives on the convert host: local_storage_rules checks it there, once
+    # select_hosts has chosen that host.
     seen_uris: set[str] = set()
     for name, host in hosts.items():
         if not host.enabled:
@@ -303,6 +447,37 @@ def destination_rules(
             concerns += _host_rules(conn, name, spec, target_name, cluster, ours)
         finally:
             conn.close()
+    return concerns
+
+
+def _worker_storage_rules(spec: VmSpec, storage: TemporaryStorage) -> list[Concern]:
+    """Shared temporary storage, as the worker sees it: there, and with room."""
+    concerns: list[Concern] = []
+    workdir = Path(storage.worker_path)
+    if not workdir.is_dir():
+        concerns.append(
+            Concern(
+                rule="temporary-storage",
+                severity="critical",
+                message=f"temporary storage {storage.worker_path} does not exist on the worker.",
+                fix="create it, or mount the shared storage there",
+            )
+        )
+    else:
+        need = temporary_need(spec, storage)
+        free = shutil.disk_usage(workdir).free
+        if free < need:
+            concerns.append(
+                Concern(
+                    rule="temporary-space",
+                    severity="critical",
+                    message=(
+                        f"temporary storage {storage.worker_path} has {free} bytes free, "
+                        f"the export and conversion need up to {need}."
+                    ),
+                    fix="free space there or point TemporaryStorage at a larger place",
+                )
+            )
     return concerns
 
 

@@ -69,6 +69,21 @@ def test_settings_and_storage_roundtrip(prefect_harness):
     )
 
 
+def test_local_storage_paths(prefect_harness):
+    local = TemporaryStorage(shared=False, host_path="/var/lib/v2k")
+    assert local.host_dir == "/var/lib/v2k" and local.worker_path is None
+    assert local.run_dir("abc") == "/var/lib/v2k/v2k-abc"
+    # The flow holds host paths already: nothing to translate.
+    assert local.path_on_host("/var/lib/v2k/v2k-abc/out") == "/var/lib/v2k/v2k-abc/out"
+    # A block saved before host_path existed for local storage keeps its meaning.
+    legacy = _name("tmp")
+    TemporaryStorage(worker_path="/srv/scratch", shared=False).save(legacy)
+    assert TemporaryStorage.load(legacy).run_dir("abc") == "/srv/scratch/v2k-abc"
+    shared = TemporaryStorage(worker_path="/mnt/v2k", host_path="/srv/v2k")
+    assert shared.run_dir("abc") == "/mnt/v2k/v2k-abc"
+    assert shared.path_on_host(shared.run_dir("abc")) == "/srv/v2k/v2k-abc"
+
+
 @pytest.mark.parametrize(
     ("block", "kwargs", "message"),
     [
@@ -82,6 +97,8 @@ def test_settings_and_storage_roundtrip(prefect_harness):
         (MigrationSettings, {"threads_on_ms": -2}, "threads_on_ms"),
         (MigrationSettings, {"convert_timeout": 0}, "convert_timeout"),
         (TemporaryStorage, {"worker_path": "relative/dir"}, "absolute"),
+        (TemporaryStorage, {"host_path": "/srv/v2k"}, "shared storage needs worker_path"),
+        (TemporaryStorage, {"shared": False}, "needs host_path"),
     ],
 )
 def test_bad_values_are_refused_clearly(block, kwargs, message):

@@ -51,3 +51,22 @@ def test_no_able_host_lists_every_reason():
 def test_remote_quotes_every_argument():
     assert remote(["ls", "a b", "$(x)"]) == "ls 'a b' '$(x)'"
     assert remote(["true"], env={"K": "v w"}) == "env 'K=v w' true"
+
+
+def test_local_storage_keeps_every_step_on_one_host_with_ovftool_first():
+    local = [*probes(), HostProbe(name="kvm5", **OK, ovftool="VMware ovftool 4.6.3")]
+    for seed in range(20):
+        choice = choose_hosts(local, windows=False, local_storage=True, rng=random.Random(seed))
+        assert (choice.convert, choice.import_, choice.export) == ("kvm5", "kvm5", "kvm5")
+    assert any("hosts with ovftool first" in r for r in choice.reasons)
+    # A host named for export (or import) converts too: it holds the only copy.
+    named = choose_hosts(local, windows=False, local_storage=True, import_="kvm5")
+    assert (named.convert, named.export) == ("kvm5", "kvm5")
+    assert "convert: kvm5 (named for import; temporary storage is local)" in named.reasons
+    # Without ovftool on the convert host no other host exports: the rules refuse it.
+    bare = choose_hosts(local, windows=False, local_storage=True, convert="kvm1")
+    assert (bare.import_, bare.export) == ("kvm1", None)
+    assert any("kvm1 has no ovftool" in r for r in bare.reasons)
+    # Shared storage still lets another host export.
+    shared = choose_hosts(local, windows=False, convert="kvm1")
+    assert shared.export == "kvm5"

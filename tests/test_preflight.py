@@ -112,3 +112,61 @@ def test_guest_os_that_virt_v2v_does_not_convert_is_a_warning():
     assert found["guest-os"][0] == "warning" and "Linux and Windows" in found["guest-os"][1]
     assert "guest-os" not in _rules(_spec(guest_id="rhel9_64Guest"))
     assert "guest-os" not in _rules(_spec(guest_id="windows2019srv_64Guest"))
+
+
+def _local_choice(convert="kvm1", import_="kvm1", export="kvm1", free=10 << 30):
+    from tasks.models import HostChoice, HostProbe
+
+    probe = HostProbe(
+        name=convert, reachable=True, scratch_path="/var/lib/v2k", scratch_free_bytes=free
+    )
+    return HostChoice(convert=convert, import_=import_, export=export, probes=[probe])
+
+
+@pytest.mark.parametrize(
+    ("choice", "use_ovftool", "rule", "words"),
+    [
+        (
+            _local_choice(export="kvm2"),
+            True,
+            "local-storage-export-host",
+            "export host kvm2 is not the convert host",
+        ),
+        (_local_choice(export=None), False, "local-storage-ms-export", "cannot write there"),
+        (_local_choice(export=None), True, "local-storage-no-ovftool", "kvm1 has no ovftool"),
+        (
+            _local_choice(import_="kvm2"),
+            True,
+            "local-storage-import-host",
+            "import host kvm2 is not the convert host",
+        ),
+        (_local_choice(free=None), True, "temporary-storage", "not a writable directory"),
+        (_local_choice(free=1 << 20), True, "temporary-space", "on kvm1 has 1048576 bytes free"),
+    ],
+)
+def test_local_storage_rules(choice, use_ovftool, rule, words):
+    from blocks import TemporaryStorage
+    from tasks.preflight import local_storage_rules
+
+    storage = TemporaryStorage(shared=False, host_path="/var/lib/v2k", reserve_bytes=0)
+    found = local_storage_rules(
+        _spec(), storage, choice, use_ovftool=use_ovftool, pool_types={"default": "dir"}
+    )
+    assert [c.rule for c in found] == [rule]
+    assert found[0].severity == "critical" and words in found[0].message
+    assert "/var/lib/v2k" in found[0].message and found[0].fix
+    shared = TemporaryStorage(worker_path="/var/lib/v2k")
+    assert local_storage_rules(_spec(), shared, choice, use_ovftool=False, pool_types={}) == []
+
+
+def test_local_storage_needs_directory_pools():
+    from blocks import TemporaryStorage
+    from tasks.preflight import local_storage_rules
+
+    storage = TemporaryStorage(shared=False, host_path="/var/lib/v2k", reserve_bytes=0)
+    types = {"default": "dir", "nfs": "netfs", "vg0": "logical", "gone": None}
+    found = local_storage_rules(
+        _spec(), storage, _local_choice(), use_ovftool=True, pool_types=types
+    )
+    assert [c.rule for c in found] == ["local-storage-pool-type"]
+    assert "'vg0'" in found[0].message and "'logical'" in found[0].message
