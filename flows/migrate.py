@@ -399,7 +399,7 @@ def _remove_run_dir_on_hosts(
         RuntimeError: a host could not be reached or the removal failed (each is named;
             the other hosts are still cleaned).
     """
-    logger = get_run_logger()
+    logger = _logger()
     path = storage.run_dir(run_id)
     failed = []
     for name, host in KvmCluster.load(request.cluster).load_hosts().items():
