@@ -194,6 +194,7 @@ def convert_task(
         host=host_name,
         seconds=done.seconds,
         warnings=done.warnings + ([f"guest OS: {guest.note}"] if guest.note else []),
+        command_seconds=done.command_seconds,
     )
 
 
@@ -214,6 +215,7 @@ def import_task(
     ]
     pools = [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
     progress = Progress(artifact_key(run_key, "import"), f"import {target} on {host_name}")
+    timings: dict[str, float] = {}
     conn = kvm.open_connection(host.get_libvirt_uri())
     try:
         with host.get_connection() as host_conn:
@@ -235,6 +237,7 @@ def import_task(
                 on_progress=progress.bytes,
                 wanted_type=host.domain_type,
                 osinfo=converted.osinfo,
+                timings=timings,
             )
         result = ImportResult(
             domain_name=dom.name(),
@@ -244,6 +247,8 @@ def import_task(
             volumes=[f"{p}/{v}" for p, v in volumes],
             osinfo=converted.osinfo,
             domain_type=dom_type,
+            upload_seconds=timings["upload"],
+            check_seconds=timings["check"],
         )
     finally:
         conn.close()
@@ -437,6 +442,13 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
     return result
 
 
+def _transfer_seconds(exported: ExportResult) -> float:
+    """Seconds the export spent downloading: the longest disk, as the disks download at
+    once (with `threads_on_ms` below the disk count, a lower bound). An ovftool export
+    records no time per disk: 0, not measured."""
+    return max((d.seconds for d in exported.disks), default=0.0)
+
+
 def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     """The stages in order, each timed; what they create is removed by cleanup_run."""
     load_blocks(request)
@@ -444,11 +456,16 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     storage = TemporaryStorage.load(request.temporary_storage)
     stages: list[StageReport] = []
 
-    def timed(name: str, call, detail=lambda _r: ""):
+    def timed(name: str, call, detail=lambda _r: "", external=lambda _r: 0.0):
         started = time.monotonic()
         result = call()
         stages.append(
-            StageReport(name=name, seconds=time.monotonic() - started, detail=detail(result))
+            StageReport(
+                name=name,
+                seconds=time.monotonic() - started,
+                detail=detail(result),
+                external_seconds=external(result),
+            )
         )
         return result
 
@@ -465,6 +482,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
             request, spec, not settings.force_ms_export
         ),
         lambda r: "; ".join(r.reasons),
+        lambda r: max((p.seconds for p in r.probes), default=0.0),  # the probes run at once
     )
     run_key = artifact_key(spec.moref, run_id)
     run_dir = Path(storage.worker_path) / f"v2k-{run_id}"
@@ -487,6 +505,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         "export",
         export_call,
         lambda r: f"{sum(d.bytes for d in r.disks)} bytes in {len(r.disks)} disk(s)",
+        _transfer_seconds,
     )
     events.emit(
         "exported",
@@ -510,6 +529,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
                 run_key,
             ),
             lambda r: f"on {r.host}, osinfo {r.osinfo}",
+            lambda r: r.command_seconds,
         )
     events.emit(
         "converted", spec, host=converted.host, osinfo=converted.osinfo, seconds=converted.seconds
@@ -521,6 +541,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
                 request, spec, converted, choice.import_, target, run_key
             ),
             lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
+            lambda r: r.upload_seconds + r.check_seconds,
         )
     events.emit(
         "imported",

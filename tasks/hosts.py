@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shlex
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from blocks import KvmHost
@@ -42,6 +43,7 @@ def probe_host(name: str, host: KvmHost, timeout: float = 60) -> HostProbe:
     script = _PROBE.replace("{workdir}", shlex.quote(host.workdir)).replace(
         "{virtio_win}", shlex.quote(host.virtio_win)
     )
+    started = time.monotonic()
     try:
         with host.get_connection() as conn:
             result = conn.run(
@@ -66,6 +68,7 @@ def probe_host(name: str, host: KvmHost, timeout: float = 60) -> HostProbe:
             found[key.strip()] = value.strip()
     free = found.get("free_bytes", "")
     return HostProbe(
+        seconds=time.monotonic() - started,
         name=name,
         reachable=True,
         virt_v2v=found.get("virt_v2v"),
