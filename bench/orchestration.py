@@ -172,6 +172,63 @@ def run_worker(local, work: Path, params: dict[str, Any]) -> dict[str, Any]:
     return json.loads(answer.read_text())
 
 
+class Calls:
+    """Counts, in this process, Prefect API requests (by method and path, ids folded),
+    block loads by type, SSH connections (fabric/paramiko) and libvirt connections."""
+
+    def __init__(self) -> None:
+        import re
+        from collections import Counter
+
+        import httpx
+        import libvirt
+        import paramiko
+        from prefect.blocks.core import Block
+
+        self.counts: Counter[str] = Counter()
+        ids = re.compile(r"/[0-9a-f]{8}-[0-9a-f-]{27}|/name/[^/]+|/slug/[^/]+")
+
+        def api(send):
+            def wrapped(client, request, *args, **kwargs):
+                if "/api/" in request.url.path:  # not the disk downloads
+                    path = ids.sub("/{}", request.url.path.split("/api", 1)[-1])
+                    self.counts[f"api {request.method} {path}"] += 1
+                return send(client, request, *args, **kwargs)
+
+            return wrapped
+
+        def counted(key, fn):
+            def wrapped(*args, **kwargs):
+                name = key(*args) if callable(key) else key
+                self.counts[name] += 1
+                return fn(*args, **kwargs)
+
+            return wrapped
+
+        httpx.Client.send = api(httpx.Client.send)
+        original = httpx.AsyncClient.send
+
+        async def async_send(client, request, *args, **kwargs):
+            if "/api/" in request.url.path:
+                path = ids.sub("/{}", request.url.path.split("/api", 1)[-1])
+                self.counts[f"api {request.method} {path}"] += 1
+            return await original(client, request, *args, **kwargs)
+
+        httpx.AsyncClient.send = async_send
+        paramiko.SSHClient.connect = counted("ssh connection", paramiko.SSHClient.connect)
+        libvirt.open = counted("libvirt connection", libvirt.open)
+        load = Block.load.__func__
+
+        def block_load(cls, *args, **kwargs):
+            self.counts[f"block load {cls.__name__}"] += 1
+            return load(cls, *args, **kwargs)
+
+        Block.load = classmethod(block_load)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
 def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
     """CPU seconds used so far by each named process tree (live processes plus the
     children they reaped), from /proc."""
@@ -237,8 +294,10 @@ def worker_main(work: Path) -> int:
     blocks = params["blocks"]
     roots = params["pids"] | {"worker": os.getpid()}
     api = os.environ["PREFECT_API_URL"]
+    calls = Calls()
     warmup = run_solo(request_for(blocks, params["warmup"]))
     solos = []
+    calls0 = calls.snapshot()
     cpu0, since = tree_cpu(roots), _now()
     for name in params["solos"]:
         solos.append(run_solo(request_for(blocks, name)))
@@ -249,6 +308,9 @@ def worker_main(work: Path) -> int:
         "solos": [asdict(s) for s in solos],
         "solo_cpu": {k: (cpu1[k] - cpu0[k]) / len(solos) for k in roots},
         "solo_profile": stage_profile(api, since, until),
+        "solo_calls": {
+            k: (v - calls0.get(k, 0)) / len(solos) for k, v in sorted(calls.snapshot().items())
+        },
         "wave": None,
     }
     if params["wave"]:
@@ -302,6 +364,7 @@ class Result:
     load: tuple[float, float] = (0.0, 0.0)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # phase: tree: s per VM
     profile: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    calls: dict[str, float] = field(default_factory=dict)  # per solo run, in the worker
 
     def median(self, what: str) -> float:
         return statistics.median(getattr(s, what) for s in self.solos)
@@ -439,6 +502,7 @@ def run(
             load=(load_start, os.getloadavg()[0]),
             cpu={"solo": got["solo_cpu"], "wave": got.get("wave_cpu", {})},
             profile={"solo": got["solo_profile"], "wave": got.get("wave_profile", {})},
+            calls=got["solo_calls"],
         )
     finally:
         if own_dir:
@@ -504,6 +568,15 @@ def report(r: Result) -> str:
         a, b = solo.get(name), wave.get(name)
         cell = lambda x: f"{x['runs']}, {x['median']:.2f}" if x else "-"  # noqa: E731
         lines.append(f"| {name} | {cell(a)} | {cell(b)} |")
+    api = sum(v for k, v in r.calls.items() if k.startswith("api "))
+    blocks = sum(v for k, v in r.calls.items() if k.startswith("block load"))
+    lines += [
+        "",
+        f"per solo run, in the worker: {api:.0f} Prefect API requests, {blocks:.0f} block "
+        f"loads, {r.calls.get('ssh connection', 0):.0f} SSH connections (fabric), "
+        f"{r.calls.get('libvirt connection', 0):.0f} libvirt connections",
+    ]
+    lines += [f"  {v:5.1f} {k}" for k, v in sorted(r.calls.items(), key=lambda kv: -kv[1])]
     lines += ["", *summary_lines(r)]
     return "\n".join(lines)
 

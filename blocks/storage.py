@@ -7,8 +7,10 @@ from pathlib import PurePosixPath
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
+from blocks.cache import LoadedOnce
 
-class TemporaryStorage(Block):
+
+class TemporaryStorage(LoadedOnce, Block):
     """A directory for exports that the worker writes and the convert host reads.
 
     On shared storage (NFS, a cluster file system) each side may mount it elsewhere:

@@ -21,6 +21,7 @@ from blocks import (
     TemporaryStorage,
     VCenter,
 )
+from blocks.cache import loads_cached
 from blocks.vcenter import VCenterError
 from tasks import events, kvm
 from tasks import vcenter as vc
@@ -298,17 +299,20 @@ def prepare_source_task(request: MigrationRequest, spec: VmSpec, run_id: str) ->
         return vc.read_spec(si, clone)
 
 
-def cleanup_run(request: MigrationRequest, run_id: str, flow_run_id: str, failed: bool) -> None:
+def cleanup_run(
+    request: MigrationRequest, run_id: str, flow_run_id: str, failed: bool, clone: bool = True
+) -> None:
     """Remove what a run left: its clone and temporary files, and after a failure the
     domains (with their volumes) that it defined. Safe to call more than once.
 
     The flow calls it when it ends; the cancellation and crash hooks call it too.
+    `clone=False` (a run that ended well without cloning) skips the vCenter session
+    that looks for a clone.
     """
     logger = get_run_logger()
-    steps = [
-        ("the clone", lambda: _remove_clone(request, run_id)),
-        ("temporary files", lambda: _remove_run_dir(request, run_id)),
-    ]
+    steps = [("temporary files", lambda: _remove_run_dir(request, run_id))]
+    if clone:
+        steps.insert(0, ("the clone", lambda: _remove_clone(request, run_id)))
     if failed:
         steps.append(("domains", lambda: _remove_run_domains(request, flow_run_id)))
     if request.vcenter == _inline_block_name(run_id):
@@ -430,7 +434,8 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
         get_run_logger().error("migration of %s failed; cleaning up", request.vm)
         cleanup_run(request, run_id, flow_run_id, failed=True)
         raise
-    cleanup_run(request, run_id, flow_run_id, failed=False)
+    cloned = any(stage.name == "prepare_source" for stage in result.stages)
+    cleanup_run(request, run_id, flow_run_id, failed=False, clone=cloned)
     create_markdown_artifact(
         _summary(result),
         key=artifact_key("migration", result.source_moref),
@@ -449,6 +454,7 @@ def _transfer_seconds(exported: ExportResult) -> float:
     return max((d.seconds for d in exported.disks), default=0.0)
 
 
+@loads_cached()  # each block once per run, not once per stage (blocks/cache.py)
 def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     """The stages in order, each timed; what they create is removed by cleanup_run."""
     load_blocks(request)
