@@ -273,9 +273,11 @@ def stage_profile(api: str, since: str, until: str) -> dict[str, dict[str, float
             page = httpx.post(f"{api}/{kind}/filter", json=body, timeout=60).json()
             for run in page:
                 if run.get("start_time") and run.get("end_time"):
-                    # Task runs are named NAME-xyz; flow runs after their flow.
-                    name = run["name"].rsplit("-", 1)[0] if kind == "task_runs" else run["name"]
-                    name = "flow " + name.split("-v2k", 1)[0] if kind == "flow_runs" else name
+                    # Task runs are named NAME-xyz; flow runs by the flow their name shows.
+                    name = run["name"].rsplit("-", 1)[0]
+                    if kind == "flow_runs":
+                        flow = run["name"].split("-", 1)[0]
+                        name = f"flow {flow}-vm" if flow in ("migrate", "export") else "flow wave"
                     durations.setdefault(name, []).append(run["total_run_time"])
             if len(page) < 200:
                 break
