@@ -1,14 +1,14 @@
 """`python -m bench` runs every benchmark; `python -m bench NAME [options]` one of them
-(`export`, `inventory`)."""
+(`export`, `inventory`, `orchestration`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench import export, inventory
+from bench import export, inventory, orchestration
 
-BENCHMARKS = {"export": export, "inventory": inventory}
+BENCHMARKS = {"export": export, "inventory": inventory, "orchestration": orchestration}
 
 
 def main(argv: list[str] | None = None) -> int:

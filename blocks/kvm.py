@@ -13,12 +13,14 @@ from invoke import Context
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from blocks.cache import LoadedOnce
+
 
 class KvmHostError(RuntimeError):
     """A KVM host block is incomplete or its host cannot be used."""
 
 
-class KvmHost(Block):
+class KvmHost(LoadedOnce, Block):
     """One KVM host reached over SSH, with virt-v2v, qemu-img, nbdkit and libvirt installed.
 
     Host keys are checked against `known_hosts` by default; a host that is not listed,
@@ -222,7 +224,7 @@ class KvmHost(Block):
         return f"qemu+libssh2://{quote(self.user)}@{self.address}:{self.port}/system?{query}"
 
 
-class KvmCluster(Block):
+class KvmCluster(LoadedOnce, Block):
     """A group of KVM hosts that VMs migrate to, with the maps from VMware names to libvirt ones.
 
     The hosts are named, not nested: each is its own KvmHost block, so its secrets stay masked.

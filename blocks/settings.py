@@ -5,6 +5,8 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import BaseModel, Field
 
+from blocks.cache import LoadedOnce
+
 
 class StagePolicy(BaseModel):
     """Retries and time allowed for one stage of the migration."""
@@ -14,7 +16,7 @@ class StagePolicy(BaseModel):
     timeout_seconds: float = Field(gt=0, description="Time allowed for one try of the stage.")
 
 
-class MigrationSettings(Block):
+class MigrationSettings(LoadedOnce, Block):
     """How migrations run: parallelism, timeouts, verbosity, per-stage retries.
 
     The first four fields are CloudStack's VMware-import settings under clear names.

@@ -7,8 +7,10 @@ from pathlib import PurePosixPath
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator, model_validator
 
+from blocks.cache import LoadedOnce
 
-class TemporaryStorage(Block):
+
+class TemporaryStorage(LoadedOnce, Block):
     """A directory where exports wait for virt-v2v, shared or local to the convert host.
 
     Shared (`shared=True`, NFS or a cluster file system, or the worker is the host): the

@@ -10,12 +10,14 @@ from pathlib import Path
 from prefect.blocks.core import Block
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from blocks.cache import LoadedOnce
+
 
 class VCenterError(RuntimeError):
     """vCenter could not be reached or refused the login; the message says which setting to fix."""
 
 
-class VCenter(Block):
+class VCenter(LoadedOnce, Block):
     """Connection to a vCenter Server, or to a standalone ESXi host (datacenter `ha-datacenter`).
 
     Example:

@@ -24,6 +24,7 @@ from blocks import (
     TemporaryStorage,
     VCenter,
 )
+from blocks.cache import loads_cached
 from blocks.vcenter import VCenterError
 from tasks import events, kvm, resume
 from tasks import vcenter as vc
@@ -225,6 +226,7 @@ def convert_task(
         host=host_name,
         seconds=done.seconds,
         warnings=done.warnings + ([f"guest OS: {guest.note}"] if guest.note else []),
+        command_seconds=done.command_seconds,
     )
 
 
@@ -253,6 +255,7 @@ def import_task(
     ]
     pools = [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
     progress = Progress(artifact_key(run_key, "import"), f"import {target} on {host_name}")
+    timings: dict[str, float] = {}
     conn = kvm.open_connection(host.get_libvirt_uri())
     try:
         with host.get_connection() as host_conn:
@@ -276,6 +279,7 @@ def import_task(
                 osinfo=converted.osinfo,
                 # Local temporary storage: the disks are on this host only, copied there.
                 on_host=not storage.shared,
+                timings=timings,
             )
         result = ImportResult(
             domain_name=dom.name(),
@@ -285,6 +289,8 @@ def import_task(
             volumes=[f"{p}/{v}" for p, v in volumes],
             osinfo=converted.osinfo,
             domain_type=dom_type,
+            upload_seconds=timings["upload"],
+            check_seconds=timings["check"],
         )
     finally:
         conn.close()
@@ -346,20 +352,24 @@ def prepare_source_task(
         return vc.read_spec(si, clone)
 
 
-def cleanup_run(request: MigrationRequest, run_id: str, flow_run_id: str, failed: bool) -> None:
+def cleanup_run(
+    request: MigrationRequest, run_id: str, flow_run_id: str, failed: bool, clone: bool = True
+) -> None:
     """Remove what a run left: its clone and temporary files, and after a failure the
     domains (with their volumes) that it defined. Safe to call more than once.
 
     The flow calls it when it ends, its cancellation hook too, and `v2k cleanup` after a
-    crash.
+    crash. `clone=False` (a run that ended well without cloning) skips the vCenter
+    session that looks for a clone.
     """
     logger = _logger()
     steps = [
-        ("the clone", lambda: _remove_clone(request, run_id)),
         ("temporary files", lambda: _remove_run_dir(request, run_id)),
         # What the stages persisted refers to what was just removed: not to be reused.
         ("the resume token", lambda: resume.forget(run_id)),
     ]
+    if clone:
+        steps.insert(0, ("the clone", lambda: _remove_clone(request, run_id)))
     if failed:
         steps.append(("domains", lambda: _remove_run_domains(request, flow_run_id)))
     if request.vcenter == _inline_block_name(run_id):
@@ -545,7 +555,8 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
         get_run_logger().error("migration of %s failed; cleaning up", request.vm)
         cleanup_run(request, run_id, flow_run_id, failed=True)
         raise
-    cleanup_run(request, run_id, flow_run_id, failed=False)
+    cloned = any(stage.name == "prepare_source" for stage in result.stages)
+    cleanup_run(request, run_id, flow_run_id, failed=False, clone=cloned)
     create_markdown_artifact(
         _summary(result),
         key=artifact_key("migration", result.source_moref),
@@ -557,6 +568,14 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
     return result
 
 
+def _transfer_seconds(exported: ExportResult) -> float:
+    """Seconds the export spent downloading: the longest disk, as the disks download at
+    once (with `threads_on_ms` below the disk count, a lower bound). An ovftool export
+    records no time per disk: 0, not measured."""
+    return max((d.seconds for d in exported.disks), default=0.0)
+
+
+@loads_cached()  # each block once per run, not once per stage (blocks/cache.py)
 def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     """The stages in order, each timed; what they create is removed by cleanup_run."""
     load_blocks(request)
@@ -565,11 +584,16 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     token = resume.resume_token(run_id)
     stages: list[StageReport] = []
 
-    def timed(name: str, call, detail=lambda _r: ""):
+    def timed(name: str, call, detail=lambda _r: "", external=lambda _r: 0.0):
         started = time.monotonic()
         result = call()
         stages.append(
-            StageReport(name=name, seconds=time.monotonic() - started, detail=detail(result))
+            StageReport(
+                name=name,
+                seconds=time.monotonic() - started,
+                detail=detail(result),
+                external_seconds=external(result),
+            )
         )
         return result
 
@@ -586,6 +610,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
             request, spec, not settings.force_ms_export
         ),
         lambda r: "; ".join(r.reasons),
+        lambda r: max((p.seconds for p in r.probes), default=0.0),  # the probes run at once
     )
     run_key = artifact_key(spec.moref, run_id)
     run_dir = Path(storage.run_dir(run_id))  # on the convert host when storage is local
@@ -618,6 +643,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         "export",
         export_call,
         lambda r: f"{sum(d.bytes for d in r.disks)} bytes in {len(r.disks)} disk(s)",
+        _transfer_seconds,
     )
     events.emit(
         "exported",
@@ -642,6 +668,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
                 token,
             ),
             lambda r: f"on {r.host}, osinfo {r.osinfo}",
+            lambda r: r.command_seconds,
         )
     events.emit(
         "converted", spec, host=converted.host, osinfo=converted.osinfo, seconds=converted.seconds
@@ -653,6 +680,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
                 request, spec, converted, choice.import_, target, run_key, token
             ),
             lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
+            lambda r: r.upload_seconds + r.check_seconds,
         )
     if reusable:
         # Migrated: nobody needs this state of the VM exported any more.

@@ -108,6 +108,7 @@ class Converted:
     seconds: float
     events: list[dict]
     warnings: list[str]
+    command_seconds: float = 0.0  # every command on the host, SSH session included
 
 
 def run_virt_v2v(
@@ -279,6 +280,7 @@ def convert_vm(
             percent = step_percent(message) or percent
             progress.step(percent, message)
 
+    started = time.monotonic()
     with host.get_connection() as conn:
         done = run_virt_v2v(
             conn, argv, out_dir=out_dir, timeout_seconds=timeout_seconds, env=env, on_event=on_event
@@ -287,5 +289,6 @@ def convert_vm(
         xml = conn.run(
             remote(["cat", "--", f"{out_dir}/{target}.xml"]), hide=True, in_stream=False, timeout=60
         ).stdout
+    done.command_seconds = time.monotonic() - started
     progress.step(100, f"converted {len(disks)} disk(s) in {done.seconds:.0f} s")
     return done, disks, xml

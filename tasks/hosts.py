@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shlex
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from blocks import KvmHost
@@ -55,6 +56,7 @@ def probe_host(
         .replace("{virtio_win}", shlex.quote(host.virtio_win))
         .replace("{scratch}", shlex.quote(scratch or ""))
     )
+    started = time.monotonic()
     try:
         with host.get_connection() as conn:
             result = conn.run(
@@ -80,6 +82,7 @@ def probe_host(
     free = found.get("free_bytes", "")
     scratch_free = found.get("scratch_free_bytes", "")
     return HostProbe(
+        seconds=time.monotonic() - started,
         name=name,
         reachable=True,
         virt_v2v=found.get("virt_v2v"),

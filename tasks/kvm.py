@@ -524,6 +524,7 @@ def import_disks_and_define(
     wanted_type: str = "auto",
     osinfo: str | None = None,
     on_host: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> tuple[libvirt.virDomain, list[tuple[str, str]], str]:
     """Upload each converted disk into its pool, check it, and define the domain.
 
@@ -535,11 +536,16 @@ def import_disks_and_define(
         pools: destination pool per disk.
         on_host: the files are on the import host only (local temporary storage): each is
             copied there into its volume (`place_volume`) instead of streamed by the worker.
+        timings: When given, gets the seconds spent in the uploads (`upload`) and in
+            `qemu-img check` (`check`), all disks together.
 
     Returns:
         The domain, its (pool, volume) list, and the domain type used.
     """
     created: list[tuple[str, str]] = []
+    spent = timings if timings is not None else {}
+    spent.setdefault("upload", 0.0)
+    spent.setdefault("check", 0.0)
     dom_type = domain_type(conn, wanted_type)
     try:
         for index, ((path, virtual_size), pool_name) in enumerate(zip(sources, pools, strict=True)):
@@ -550,12 +556,16 @@ def import_disks_and_define(
                     f"volume {vol_name!r} already exists in pool {pool_name!r}: remove it or "
                     "choose another target name"
                 )
+            started = time.monotonic()
             if on_host:
                 vol = place_volume(pool, host_conn, vol_name, str(path), virtual_size, on_progress)
             else:
                 vol = upload_volume(conn, pool, vol_name, path, virtual_size, on_progress)
             created.append((pool_name, vol_name))
+            spent["upload"] += time.monotonic() - started
+            started = time.monotonic()
             check_volume(host_conn, vol.path())
+            spent["check"] += time.monotonic() - started
         v2v = parse_v2v_xml(v2v_xml)
         # The caller's choice (virt-v2v's inspection, else the guestId table) wins.
         v2v["osinfo"] = osinfo

@@ -181,6 +181,7 @@ class HostProbe(BaseModel):
         default=None,
         description="Free bytes there; None when it is not a writable directory on the host.",
     )
+    seconds: float = Field(default=0.0, description="Wall time of the probe, SSH session included.")
 
     def can_convert(self, windows: bool) -> str | None:
         """Why this host cannot run virt-v2v for the guest, or None when it can."""
@@ -240,6 +241,11 @@ class ConvertResult(BaseModel):
     host: str
     seconds: float
     warnings: list[str] = Field(default_factory=list)
+    command_seconds: float = Field(
+        default=0.0,
+        description="Wall time of every command on the convert host: virt-v2v, the output "
+        "checks and the XML read, SSH session included.",
+    )
 
 
 class ImportResult(BaseModel):
@@ -250,12 +256,19 @@ class ImportResult(BaseModel):
     volumes: list[str]
     osinfo: str | None
     domain_type: str
+    upload_seconds: float = Field(default=0.0, description="Disk uploads into the pool.")
+    check_seconds: float = Field(default=0.0, description="`qemu-img check` of the volumes.")
 
 
 class StageReport(BaseModel):
     name: str
     seconds: float
     detail: str = ""
+    external_seconds: float = Field(
+        default=0.0,
+        description="Part of `seconds` spent in external commands and transfers: SSH "
+        "probes, disk downloads, virt-v2v and its checks, volume uploads, qemu-img check.",
+    )
 
 
 class MigrationResult(BaseModel):
