@@ -288,3 +288,56 @@ def test_temporary_storage_full_mid_download_fails_cleanly(
         assert leases.states(bed) == ["error"]
         filler.unlink()
         assert_nothing_left(bed, before, small)
+
+
+# --- 5. virt-v2v killed on the convert host ------------------------------------------------
+
+
+def _processes_with(text: str) -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, command line)} of every process on this machine (the test bed's
+    hosts share its process table) whose command line contains `text`."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if text in args:
+                ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+                found[int(proc.name)] = (ppid, args)
+    return found
+
+
+def test_virt_v2v_killed_fails_cleanly_and_leaves_no_process(bed, bed_blocks, clean_sim):
+    before = snapshot(bed)
+    request = request_for(bed_blocks, WEB, settings=_settings())
+    pool, running = _in_background(lambda: migrate_vm(request, return_state=True))
+
+    def virt_v2v() -> int | None:
+        # The virt-v2v that the remote `timeout` started (it forks helpers of its own).
+        procs = _processes_with(str(bed.scratch))
+        leaders = {pid for pid, (_, args) in procs.items() if args.startswith("timeout ")}
+        main = [
+            pid
+            for pid, (ppid, args) in procs.items()
+            if ppid in leaders and args.startswith("virt-v2v ")
+        ]
+        assert len(main) <= 1, procs
+        return main[0] if main else None
+
+    with pool:
+        _wait_until("virt-v2v running", lambda: virt_v2v() is not None, running)
+        time.sleep(3)  # into its work: qemu-nbd and the appliance started
+        pid = virt_v2v()
+        run_dir = _processes_with(str(bed.scratch))[pid][1].split(" -os ")[1].split()[0]
+        run_dir = run_dir.rsplit("/", 1)[0]
+        os.kill(pid, signal.SIGKILL)
+        state = _final_state(running)
+
+    assert state.is_failed()
+    message = str(state.message)
+    assert "virt-v2v" in message and "killed" in message, message
+    assert "convert_timeout" not in message, message
+    time.sleep(1)
+    assert not _processes_with(run_dir), _processes_with(run_dir)
+    assert_nothing_left(bed, before)
