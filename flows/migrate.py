@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -10,6 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
+from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import flow_run
 from pydantic import ValidationError
 
@@ -293,19 +295,26 @@ def prepare_source_task(request: MigrationRequest, spec: VmSpec, run_id: str) ->
         return vc.read_spec(si, clone)
 
 
-def cleanup_run(request: MigrationRequest, run_id: str, flow_run_id: str, failed: bool) -> None:
+def cleanup_run(
+    request: MigrationRequest,
+    run_id: str,
+    flow_run_id: str,
+    failed: bool,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> None:
     """Remove what a run left: its clone and temporary files, and after a failure the
     domains (with their volumes) that it defined. Safe to call more than once.
 
-    The flow calls it when it ends; the cancellation and crash hooks call it too.
+    The flow calls it when it ends; the cancellation and crash hooks call it too, with
+    the run's `logger`: the runner runs them outside the run, where get_run_logger fails.
     """
-    logger = get_run_logger()
+    logger = logger or get_run_logger()
     steps = [
-        ("the clone", lambda: _remove_clone(request, run_id)),
+        ("the clone", lambda: _remove_clone(request, run_id, logger)),
         ("temporary files", lambda: _remove_run_dir(request, run_id)),
     ]
     if failed:
-        steps.append(("domains", lambda: _remove_run_domains(request, flow_run_id)))
+        steps.append(("domains", lambda: _remove_run_domains(request, flow_run_id, logger)))
     if request.vcenter == _inline_block_name(run_id):
         steps.append(("the inline vCenter block", lambda: VCenter.delete(request.vcenter)))
     for what, step in steps:
@@ -315,12 +324,12 @@ def cleanup_run(request: MigrationRequest, run_id: str, flow_run_id: str, failed
             logger.error("cleanup of %s failed: %s", what, exc)
 
 
-def _remove_clone(request: MigrationRequest, run_id: str) -> None:
+def _remove_clone(request: MigrationRequest, run_id: str, logger) -> None:
     vcenter = VCenter.load(request.vcenter)
     with vcenter.connect() as si:
         removed = remove_clones(si, vc.datacenter(si, vcenter.datacenter), clone_name(run_id))
     for moref in removed:
-        get_run_logger().info("removed the clone %s (%s)", clone_name(run_id), moref)
+        logger.info("removed the clone %s (%s)", clone_name(run_id), moref)
 
 
 def _remove_run_dir(request: MigrationRequest, run_id: str) -> None:
@@ -328,8 +337,7 @@ def _remove_run_dir(request: MigrationRequest, run_id: str) -> None:
     remove_tree(Path(storage.worker_path) / f"v2k-{run_id}", Path(storage.worker_path))
 
 
-def _remove_run_domains(request: MigrationRequest, flow_run_id: str) -> None:
-    logger = get_run_logger()
+def _remove_run_domains(request: MigrationRequest, flow_run_id: str, logger) -> None:
     seen: set[str] = set()
     for name, host in KvmCluster.load(request.cluster).load_hosts().items():
         try:
@@ -371,7 +379,8 @@ def _cleanup_hook(flow, flow_run, state) -> None:
         request = request.model_copy(
             update={"vcenter": _inline_block_name(run_id), "vcenter_inline": None}
         )
-    cleanup_run(request, run_id, str(flow_run.id), failed=True)
+    logger = flow_run_logger(flow_run, flow)
+    cleanup_run(request, run_id, str(flow_run.id), failed=True, logger=logger)
 
 
 def _run_id(flow_run_id: str) -> str:

@@ -341,3 +341,62 @@ def test_virt_v2v_killed_fails_cleanly_and_leaves_no_process(bed, bed_blocks, cl
     time.sleep(1)
     assert not _processes_with(run_dir), _processes_with(run_dir)
     assert_nothing_left(bed, before)
+
+
+# --- 4. the run cancelled through the Prefect API in the middle of the export -------------
+
+
+def _vcsim_log_since(bed, offset: int) -> str:
+    with bed.vcsim.log_file.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def test_cancel_from_the_api_mid_export_removes_the_clone(bed, served, clean_sim):
+    before = snapshot(bed)
+    blocks = served.blocks
+    request = {
+        "vcenter": blocks["vcenter"],
+        "vm": "debian-running",  # running: the clone is exported
+        "cluster": blocks["cluster"],
+        "temporary_storage": blocks["scratch"],
+        "settings": blocks["settings"],
+    }
+    log_offset = bed.vcsim.log_file.stat().st_size
+    worker_log = served.home / "prefect" / "v2k-worker-1.log"
+    worker_offset = worker_log.stat().st_size
+    # 64 KiB/s: the clone's 4 MiB of disk would take a minute.
+    clean_sim.fault(nfc_rate_kbps=64, times=1)
+    response = httpx.post(
+        f"{served.api}/deployments/{served.deployment_id('migrate-vm/migrate-vm')}"
+        "/create_flow_run",
+        json={"parameters": {"request": request}},
+        timeout=30,
+    )
+    response.raise_for_status()
+    run_id = response.json()["id"]
+
+    deadline = time.monotonic() + 180
+    while clean_sim.stats()["nfc_bytes"] < 256 << 10:
+        assert time.monotonic() < deadline, f"no download; worker log:\n{served.log_tail()}"
+        time.sleep(0.2)
+    assert snapshot(bed).clones, "the running VM was not cloned"
+    # What the UI's Cancel button does: the run goes to Cancelling, the worker ends it.
+    cancelled = httpx.post(
+        f"{served.api}/flow_runs/{run_id}/set_state",
+        json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+        timeout=30,
+    )
+    cancelled.raise_for_status()
+    run = served.wait_for_run(run_id, timeout=180)
+
+    assert run["state_type"] == "CANCELLED", run["state"]
+    log = _vcsim_log_since(bed, log_offset)
+    assert "export lease" in log and "aborted" in log, log
+    assert_nothing_left(bed, before)
+    # The worker ran the on_cancellation hook (cleanup_run again, outside the run) before
+    # it marked the run Cancelled; it must not have failed.
+    with worker_log.open("rb") as f:
+        f.seek(worker_offset)
+        worker = f.read().decode(errors="replace")
+    assert "error was encountered while running hook" not in worker, worker[-3000:]
