@@ -216,7 +216,13 @@ def import_task(
     ]
     pools = [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
     progress = Progress(artifact_key(run_key, "import"), f"import {target} on {host_name}")
-    conn = kvm.open_connection(host.get_libvirt_uri())
+    try:
+        conn = kvm.open_connection(host.get_libvirt_uri())
+    except kvm.KvmImportError as exc:
+        # The URI alone does not say which host block to look at.
+        raise kvm.KvmImportError(
+            f"import host {host_name}: {exc} (is libvirtd running there?)"
+        ) from None
     try:
         with host.get_connection() as host_conn:
             dom, volumes, dom_type = kvm.import_disks_and_define(
