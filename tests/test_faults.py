@@ -214,7 +214,12 @@ def _final_state(running: Future, timeout: float = 300):
 
 def test_vcenter_restart_mid_download_resumes_with_a_new_lease(bed, bed_blocks, clean_sim, leases):
     before = snapshot(bed)
-    settings = _settings(**_stop_after_export())
+    # The simulator answers before the inventory is applied again (a real vCenter does
+    # not): 5 s between export tries leave time for that on a busy machine.
+    settings = _settings(
+        export=StagePolicy(retries=2, retry_delay_seconds=5, timeout_seconds=300),
+        **_stop_after_export(),
+    )
     request = request_for(bed_blocks, WEB, settings=settings)
     size = _disk_file_size(bed, "web server 01")
     started = datetime.now(UTC)
