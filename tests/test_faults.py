@@ -48,6 +48,10 @@ pytest_plugins = ["deployments.testing"]
 MiB = 1 << 20
 WEB = "Prod/Web/web server 01"  # stopped, one synthetic disk: 16 MiB, 4 MiB of data
 SLOW_KBPS = 512  # the disk's file then takes about 8 s to download
+# convert_timeout (hours) for runs that only need to get through the export: virt-v2v
+# gets 2 s (it needs about 30 s to refuse a synthetic disk), so the run fails right after
+# the export, with a message that says so.
+STOP_AFTER_EXPORT = 2 / 3600
 
 
 # --- what a run may leave behind ----------------------------------------------------------
@@ -169,12 +173,6 @@ def _settings(**overrides) -> str:
     return name
 
 
-def _stop_after_export() -> dict:
-    # virt-v2v gets 2 s (it needs about 30 s to refuse a synthetic disk): a run that got
-    # through the export fails right after it, with a message that says so.
-    return dict(convert_timeout=2 / 3600)
-
-
 def _in_background(call: Callable[[], object]) -> tuple[ThreadPoolExecutor, Future]:
     pool = ThreadPoolExecutor(1)
     return pool, pool.submit(call)
@@ -209,7 +207,7 @@ def _final_state(running: Future, timeout: float = 300):
     return state
 
 
-# --- 1. vCenter restarted in the middle of a download --------------------------------------
+# --- vCenter restarted in the middle of a download --------------------------------------
 
 
 def test_vcenter_restart_mid_download_resumes_with_a_new_lease(bed, bed_blocks, clean_sim, leases):
@@ -218,7 +216,7 @@ def test_vcenter_restart_mid_download_resumes_with_a_new_lease(bed, bed_blocks, 
     # not): 5 s between export tries leave time for that on a busy machine.
     settings = _settings(
         export=StagePolicy(retries=2, retry_delay_seconds=5, timeout_seconds=300),
-        **_stop_after_export(),
+        convert_timeout=STOP_AFTER_EXPORT,
     )
     request = request_for(bed_blocks, WEB, settings=settings)
     size = _disk_file_size(bed, "web server 01")
@@ -249,7 +247,7 @@ def test_vcenter_restart_mid_download_resumes_with_a_new_lease(bed, bed_blocks, 
     assert_nothing_left(bed, before)
 
 
-# --- 2. the temporary storage fills up during the export -----------------------------------
+# --- the temporary storage fills up during the export -----------------------------------
 
 
 @contextlib.contextmanager
@@ -300,7 +298,7 @@ def test_temporary_storage_full_mid_download_fails_cleanly(
         assert_nothing_left(bed, before, small)
 
 
-# --- 5. virt-v2v killed on the convert host ------------------------------------------------
+# --- virt-v2v killed on the convert host ------------------------------------------------
 
 
 def _processes_with(text: str) -> dict[int, tuple[int, str]]:
@@ -353,7 +351,7 @@ def test_virt_v2v_killed_fails_cleanly_and_leaves_no_process(bed, bed_blocks, cl
     assert_nothing_left(bed, before)
 
 
-# --- 4. the run cancelled through the Prefect API in the middle of the export -------------
+# --- the run cancelled through the Prefect API in the middle of the export -------------
 
 
 def _vcsim_log_since(bed, offset: int) -> str:
@@ -411,7 +409,7 @@ def test_cancel_from_the_api_mid_export_removes_the_clone(bed, served, clean_sim
     assert "error was encountered while running hook" not in worker, worker[-3000:]
 
 
-# --- 3. libvirtd down on the import host ----------------------------------------------------
+# --- libvirtd down on the import host ----------------------------------------------------
 
 
 @pytest.mark.slow
