@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
+from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import flow_run
 from pydantic import ValidationError
 
@@ -244,8 +245,9 @@ def import_task(
     run_key: str,
     resume_token: str | None = None,
 ) -> ImportResult:
-    # An import of this run that did not finish (the worker died in it) is undone first.
-    _remove_run_domains(request, str(flow_run.get_id() or ""))
+    if flow_run.run_count > 1:
+        # A retried run: an import that did not finish (the worker died in it) goes first.
+        _remove_run_domains(request, str(flow_run.get_id() or ""), get_run_logger())
     cluster = KvmCluster.load(request.cluster)
     storage = TemporaryStorage.load(request.temporary_storage)
     host = KvmHost.load(host_name)
@@ -256,7 +258,13 @@ def import_task(
     pools = [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
     progress = Progress(artifact_key(run_key, "import"), f"import {target} on {host_name}")
     timings: dict[str, float] = {}
-    conn = kvm.open_connection(host.get_libvirt_uri())
+    try:
+        conn = kvm.open_connection(host.get_libvirt_uri())
+    except kvm.KvmImportError as exc:
+        # The URI alone does not say which host block to look at.
+        raise kvm.KvmImportError(
+            f"import host {host_name}: {exc} (is libvirtd running there?)"
+        ) from None
     try:
         with host.get_connection() as host_conn:
             dom, volumes, dom_type = kvm.import_disks_and_define(
@@ -353,25 +361,31 @@ def prepare_source_task(
 
 
 def cleanup_run(
-    request: MigrationRequest, run_id: str, flow_run_id: str, failed: bool, clone: bool = True
+    request: MigrationRequest,
+    run_id: str,
+    flow_run_id: str,
+    failed: bool,
+    clone: bool = True,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> None:
     """Remove what a run left: its clone and temporary files, and after a failure the
     domains (with their volumes) that it defined. Safe to call more than once.
 
-    The flow calls it when it ends, its cancellation hook too, and `v2k cleanup` after a
-    crash. `clone=False` (a run that ended well without cloning) skips the vCenter
-    session that looks for a clone.
+    The flow calls it when it ends, its cancellation hook too (with the run's `logger`:
+    the runner runs hooks outside the run, where get_run_logger fails), and `v2k cleanup`
+    after a crash. `clone=False` (a run that ended well without cloning) skips the
+    vCenter session that looks for a clone.
     """
-    logger = _logger()
+    logger = logger or _logger()
     steps = [
-        ("temporary files", lambda: _remove_run_dir(request, run_id)),
+        ("temporary files", lambda: _remove_run_dir(request, run_id, logger)),
         # What the stages persisted refers to what was just removed: not to be reused.
         ("the resume token", lambda: resume.forget(run_id)),
     ]
     if clone:
-        steps.insert(0, ("the clone", lambda: _remove_clone(request, run_id)))
+        steps.insert(0, ("the clone", lambda: _remove_clone(request, run_id, logger)))
     if failed:
-        steps.append(("domains", lambda: _remove_run_domains(request, flow_run_id)))
+        steps.append(("domains", lambda: _remove_run_domains(request, flow_run_id, logger)))
     if request.vcenter == _inline_block_name(run_id):
         steps.append(("the inline vCenter block", lambda: VCenter.delete(request.vcenter)))
     for what, step in steps:
@@ -381,24 +395,24 @@ def cleanup_run(
             logger.error("cleanup of %s failed: %s", what, exc)
 
 
-def _remove_clone(request: MigrationRequest, run_id: str) -> None:
+def _remove_clone(request: MigrationRequest, run_id: str, logger) -> None:
     vcenter = VCenter.load(request.vcenter)
     with vcenter.connect() as si:
         removed = remove_clones(si, vc.datacenter(si, vcenter.datacenter), clone_name(run_id))
     for moref in removed:
-        _logger().info("removed the clone %s (%s)", clone_name(run_id), moref)
+        logger.info("removed the clone %s (%s)", clone_name(run_id), moref)
 
 
-def _remove_run_dir(request: MigrationRequest, run_id: str) -> None:
+def _remove_run_dir(request: MigrationRequest, run_id: str, logger) -> None:
     storage = TemporaryStorage.load(request.temporary_storage)
     if storage.shared:
         remove_tree(Path(storage.run_dir(run_id)), Path(storage.worker_path))
     else:
-        _remove_run_dir_on_hosts(request, storage, run_id)
+        _remove_run_dir_on_hosts(request, storage, run_id, logger)
 
 
 def _remove_run_dir_on_hosts(
-    request: MigrationRequest, storage: TemporaryStorage, run_id: str
+    request: MigrationRequest, storage: TemporaryStorage, run_id: str, logger
 ) -> None:
     """Local temporary storage: remove the run's directory over SSH on every enabled host.
 
@@ -409,7 +423,6 @@ def _remove_run_dir_on_hosts(
         RuntimeError: a host could not be reached or the removal failed (each is named;
             the other hosts are still cleaned).
     """
-    logger = _logger()
     path = storage.run_dir(run_id)
     failed = []
     for name, host in KvmCluster.load(request.cluster).load_hosts().items():
@@ -425,8 +438,7 @@ def _remove_run_dir_on_hosts(
         raise RuntimeError(f"{path} may be left on: " + "; ".join(failed))
 
 
-def _remove_run_domains(request: MigrationRequest, flow_run_id: str) -> None:
-    logger = _logger()
+def _remove_run_domains(request: MigrationRequest, flow_run_id: str, logger) -> None:
     seen: set[str] = set()
     for name, host in KvmCluster.load(request.cluster).load_hosts().items():
         try:
@@ -472,7 +484,7 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("v2k.migrate")
 
 
-def cleanup_flow_run(flow_run: FlowRun) -> None:
+def cleanup_flow_run(flow_run: FlowRun, logger: logging.Logger | None = None) -> None:
     """Everything `cleanup_run` removes after a failure, for a migrate-vm flow run read
     from the API: the cancellation hook, and `v2k cleanup` after a crash."""
     request = MigrationRequest.model_validate(flow_run.parameters["request"])
@@ -481,18 +493,18 @@ def cleanup_flow_run(flow_run: FlowRun) -> None:
         request = request.model_copy(
             update={"vcenter": _inline_block_name(run_id), "vcenter_inline": None}
         )
-    cleanup_run(request, run_id, str(flow_run.id), failed=True)
+    cleanup_run(request, run_id, str(flow_run.id), failed=True, logger=logger)
 
 
 def _cleanup_hook(flow, flow_run, state) -> None:
     """on_cancellation: the same cleanup as a failure inside the flow."""
-    cleanup_flow_run(flow_run)
+    cleanup_flow_run(flow_run, flow_run_logger(flow_run, flow))
 
 
 def _keep_for_resume(flow, flow_run, state) -> None:
     """on_crashed: the worker or its machine went away. What the run made (clone, partial
     export, conversion) is kept, so that a retry of this flow run goes on from there."""
-    get_run_logger().warning(
+    flow_run_logger(flow_run, flow).warning(
         "flow run %s crashed; its clone and temporary files are kept: retry the flow run "
         "(`v2k resume %s`) to go on from where it stopped, or remove them with "
         "`v2k cleanup %s`",

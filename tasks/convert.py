@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,13 +67,22 @@ def wrapped_command(
     """The remote command line: a hard timeout that kills the whole process group.
 
     `timeout` makes itself a process group leader and signals the group, so nbdkit and
-    qemu children die with virt-v2v. Its pid is written first, so the worker can kill the
-    group too when the run is cancelled. With a log file, fd 3 (virt-v2v's progress
-    events) goes to the SSH channel and everything else to the log file.
+    qemu children die with virt-v2v. Its pid is written to `pid_file`, so the worker can
+    kill the group too when the run is cancelled. When the command ends in any other way
+    (killed on the host, crashed), what is left of the group is killed as well: a child
+    that outlived it would keep running and hold the SSH channel open, so the stage would
+    hang. The exit status is the command's (`timeout`'s: 124 when it timed out, 128+N
+    when a signal N killed it). With a log file, fd 3 (virt-v2v's progress events) goes
+    to the SSH channel and everything else to the log file.
     """
     inner = remote(["timeout", "--kill-after=30", f"{int(timeout_seconds)}s", *argv], env=env)
     redirect = f" 3>&1 >{shlex.quote(log_file)} 2>&1" if log_file else ""
-    script = f"echo $$ > {shlex.quote(pid_file)} && exec {inner}{redirect}"
+    # A background job's stdin is /dev/null unless redirected explicitly: hand it the
+    # shell's own (ovftool reads its password prompt's answer from it).
+    script = (
+        f"exec 4<&0; {inner}{redirect} <&4 4<&- & pid=$!; echo $pid > {shlex.quote(pid_file)}; "
+        'wait $pid; rc=$?; kill -KILL -"$pid" 2>/dev/null; exit $rc'
+    )
     return f"sh -c {shlex.quote(script)}"
 
 
@@ -157,15 +167,30 @@ def run_virt_v2v(
         raise
     errors = [e.get("message", "") for e in sink.events if e.get("type") == "error"]
     warnings = [e.get("message", "") for e in sink.events if e.get("type") == "warning"]
-    if result.exited == 124 or result.exited == 137:
+    elapsed = time.monotonic() - started
+    # 137 is also what a virt-v2v killed on the host gives: the time tells them apart.
+    if result.exited == 124 or (result.exited == 137 and elapsed >= timeout_seconds):
         raise ConvertError(
             f"virt-v2v did not finish in {timeout_seconds:.0f} s (convert_timeout) and was "
             "killed with its children" + _log_tail(conn, log_file)
+        )
+    if result.exited > 128:
+        signame = _signal_name(result.exited - 128)
+        raise ConvertError(
+            f"virt-v2v was killed by {signame} on the host after {elapsed:.0f} s, before it "
+            "finished; its children were killed too" + _log_tail(conn, log_file)
         )
     if result.exited != 0:
         detail = "; ".join(errors) if errors else "no error event"
         raise ConvertError(f"virt-v2v exited {result.exited}: {detail}" + _log_tail(conn, log_file))
     return Converted(seconds=time.monotonic() - started, events=sink.events, warnings=warnings)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def kill_group(conn, pid_file: str, program: str = "virt-v2v") -> None:
@@ -175,10 +200,11 @@ def kill_group(conn, pid_file: str, program: str = "virt-v2v") -> None:
     left by a dead worker may name a pid that is by now another process's.
     """
     pid = shlex.quote(pid_file)
+    # No `--` before the group: dash's kill takes it for a pid and kills nothing.
     script = (
         f'p=$(cat {pid} 2>/dev/null) && [ -n "$p" ] && '
         f"grep -qaF -- {shlex.quote(program)} /proc/$p/cmdline 2>/dev/null && "
-        "{ kill -TERM -- -$p 2>/dev/null; sleep 2; kill -KILL -- -$p 2>/dev/null; }; true"
+        '{ kill -TERM -"$p" 2>/dev/null; sleep 2; kill -KILL -"$p" 2>/dev/null; }; true'
     )
     try:
         conn.run(f"sh -c {shlex.quote(script)}", hide=True, warn=True, in_stream=False, timeout=30)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import time
+from http.client import HTTPException
 from pathlib import Path
 
 from prefect import flow, task, unmapped
@@ -9,14 +12,16 @@ from prefect.futures import as_completed, wait
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
+from pyVmomi import vim
 
 from blocks import MigrationSettings, VCenter
+from blocks.vcenter import VCenterError
 from tasks import vcenter as vc
 from tasks.models import ExportedDisk, ExportResult, VmSpec
 from tasks.progress import Progress, artifact_key
 from tasks.resume import resumable
 from tasks.retries import retry_unless
-from tasks.transfer import download
+from tasks.transfer import TransferError, download
 
 OVF_NAME = "vm.ovf"
 
@@ -34,10 +39,31 @@ class ExportAborted(RuntimeError):
     """Another disk of the same export failed, so the lease is gone; not worth a retry."""
 
 
+class LeaseLost(RuntimeError):
+    """The server no longer knows the lease (vCenter restarted, or the lease timed out or
+    was aborted there): a retry of the download cannot help, a new lease can."""
+
+
+class StorageFull(RuntimeError):
+    """The temporary storage has no space left; no retry helps until space is freed."""
+
+
+def _storage_full(path: Path, exc: OSError) -> StorageFull:
+    on_disk = path.stat().st_size if path.is_file() else 0
+    return StorageFull(
+        f"temporary storage is full: {exc.strerror} writing {path} ({on_disk} bytes "
+        "written); free space there or point the TemporaryStorage block at a larger place"
+    )
+
+
+def _no_space(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 @task(
     name="download-disk",
     task_run_name="download-disk-{index}",
-    retry_condition_fn=retry_unless(ExportAborted),
+    retry_condition_fn=retry_unless(ExportAborted, LeaseLost, StorageFull),
     # Not the URL: a retried run gets a new lease, with new URLs, for the same disk.
     **resumable("index", "directory", "expected_size"),
 )
@@ -73,16 +99,26 @@ def download_disk(
         check_aborted()
         progress.bytes(done, total)
 
-    got = download(
-        url,
-        dest,
-        ssl_context=vcenter.ssl_context(),
-        headers={"Cookie": cookie.get_secret_value()},
-        expected_size=expected_size,
-        read_timeout=settings.http_timeout,
-        deadline_seconds=settings.export.timeout_seconds,
-        on_progress=on_progress,
-    )
+    try:
+        got = download(
+            url,
+            dest,
+            ssl_context=vcenter.ssl_context(),
+            headers={"Cookie": cookie.get_secret_value()},
+            expected_size=expected_size,
+            read_timeout=settings.http_timeout,
+            deadline_seconds=settings.export.timeout_seconds,
+            on_progress=on_progress,
+        )
+    except TransferError as exc:
+        if exc.status == 404:
+            # A device URL answers 404 once its lease is gone on the server.
+            raise LeaseLost(f"disk {index}: the export lease is gone on the server: {exc}") from exc
+        raise
+    except OSError as exc:
+        if _no_space(exc):
+            raise _storage_full(dest, exc) from exc
+        raise
     if got.resumed_from:
         get_run_logger().info(
             "disk %d resumed from %d bytes already on disk", index, got.resumed_from
@@ -101,6 +137,15 @@ def _bytes_on_disk(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("disk-*.vmdk"))
 
 
+def _worth_a_new_lease(exc: BaseException) -> bool:
+    """A fault of the lease or of the vCenter session, which a new lease can cure."""
+    if isinstance(exc, TransferError):
+        return exc.status is None  # connections kept breaking, nothing refused
+    return isinstance(
+        exc, LeaseLost | VCenterError | OSError | HTTPException | vim.fault.NotAuthenticated
+    )
+
+
 def export_vm(
     vcenter_block: str,
     spec: VmSpec,
@@ -112,8 +157,48 @@ def export_vm(
     """Export a powered-off VM into `directory`: disks through the lease, then the descriptor.
 
     The lease stays open, and alive, until every download task is done; it is completed on
-    success and aborted on any failure. `resume_token`: see `download_disk`.
+    success and aborted on any failure. A try that fails with the lease or the vCenter
+    session (vCenter restarted or unreachable for a while, the lease gone) is tried again
+    with a new session and a new lease, `settings.export.retries` times, and the downloads
+    resume from the bytes already on disk. A full temporary storage is not retried.
+    `resume_token`: see `download_disk`.
     """
+    policy = settings.export
+    attempt = 0
+    while True:
+        try:
+            return _export_with_lease(
+                vcenter_block, spec, directory, settings, run_key, resume_token
+            )
+        except Exception as exc:
+            if isinstance(exc, OSError) and _no_space(exc):
+                raise _storage_full(Path(exc.filename or directory), exc) from exc
+            if attempt >= policy.retries or not _worth_a_new_lease(exc):
+                raise
+            attempt += 1
+            get_run_logger().warning(
+                "export of %s failed (%s: %s); asking for a new export lease in %.0f s "
+                "(retry %d of %d), the downloads resume from the %d bytes on disk",
+                spec.name,
+                type(exc).__name__,
+                exc,
+                policy.retry_delay_seconds,
+                attempt,
+                policy.retries,
+                _bytes_on_disk(directory),
+            )
+        time.sleep(policy.retry_delay_seconds)
+
+
+def _export_with_lease(
+    vcenter_block: str,
+    spec: VmSpec,
+    directory: Path,
+    settings: MigrationSettings,
+    run_key: str,
+    resume_token: str | None,
+) -> ExportResult:
+    """One try of `export_vm`: one vCenter session, one lease."""
     logger = get_run_logger()
     vcenter = VCenter.load(vcenter_block)
     directory.mkdir(parents=True, exist_ok=True)

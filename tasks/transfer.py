@@ -28,7 +28,19 @@ Progress = Callable[[int, int | None], None]
 
 
 class TransferError(RuntimeError):
-    """A download failed for good; the message says how far it got."""
+    """A download failed for good; the message says how far it got.
+
+    `status` is the HTTP status the server refused the download with, None when the
+    cause was something else (broken connections, a wrong size).
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self):
+        # Keep `status` when Prefect pickles the error into a task's state.
+        return type(self), (str(self), self.status)
 
 
 @dataclass
@@ -189,7 +201,8 @@ def download(
                     if response.status_code not in (200, 206):
                         raise TransferError(
                             f"{dest.name}: server answered {response.status_code} "
-                            f"{response.reason_phrase} for {_safe(url)}"
+                            f"{response.reason_phrase} for {_safe(url)}",
+                            status=response.status_code,
                         )
                     if offset and response.status_code == 200:
                         # Range was ignored: start over rather than append a second copy.

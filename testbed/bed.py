@@ -99,26 +99,9 @@ class TestBed:
 
     def start(self) -> TestBed:
         try:
-            guest = None
-            if self.real_guest:
-                from testbed.images import debian_guest
-
-                guest = debian_guest()
             self.scratch.mkdir(parents=True, exist_ok=True)
             self.vcsim.start()
-            if self.inventory_path is not None:
-                inventory = load_inventory(self.inventory_path)
-                if self.esx:
-                    inventory = for_esx(inventory)
-                with self.vcsim.connect() as si:
-                    self.applied = apply_inventory(
-                        si,
-                        inventory,
-                        guest_image=guest,
-                        verify=str(self.vcsim.ca_cert),
-                        datastore_root=self.workdir / "datastores",
-                        work_dir=self.workdir / "images",
-                    )
+            self._apply_inventory()
             if self.hosts:
                 # The hosts trust the simulator's CA, as real hosts trust vCenter's.
                 self.hosts.env["SSL_CERT_FILE"] = str(self.vcsim.ca_cert)
@@ -134,6 +117,37 @@ class TestBed:
             self.stop()
             raise
         return self
+
+    def _apply_inventory(self) -> None:
+        if self.inventory_path is None:
+            return
+        guest = None
+        if self.real_guest:
+            from testbed.images import debian_guest
+
+            guest = debian_guest()
+        inventory = load_inventory(self.inventory_path)
+        if self.esx:
+            inventory = for_esx(inventory)
+        with self.vcsim.connect() as si:
+            self.applied = apply_inventory(
+                si,
+                inventory,
+                guest_image=guest,
+                verify=str(self.vcsim.ca_cert),
+                datastore_root=self.workdir / "datastores",
+                work_dir=self.workdir / "images",
+            )
+
+    def restart_vcsim(self) -> None:
+        """Restart the simulator as the same server (port, certificate, password) and apply
+        the inventory again, since the simulator keeps it in memory only.
+
+        What clients see is a vCenter restart: sessions and export leases are gone, the
+        VMs are back (same morefs when nothing else was created before the restart).
+        """
+        self.vcsim.restart()
+        self._apply_inventory()
 
     def _install_ovftool(self) -> None:
         for host in self.hosts.hosts:

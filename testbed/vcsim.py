@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from testbed.certs import make_certs
+from testbed.certs import CertPaths, make_certs
 from testbed.paths import cache_dir
 
 SOURCE_DIR = Path(__file__).resolve().parent / "vcsim"
@@ -180,20 +180,44 @@ class VcSim:
         return self.workdir / "vcsim.log"
 
     def start(self) -> VcSim:
+        """Start on a free port with a fresh CA and password."""
+        return self._start(port=0, same_identity=False)
+
+    def restart(self) -> VcSim:
+        """Stop the simulator and start it again as the same server: same port, TLS
+        certificate and password, as clients see a vCenter that restarted.
+
+        Everything the simulator held in memory is gone: the inventory (apply it again,
+        see `TestBed.restart_vcsim`), sessions, export leases, armed faults and counters.
+        """
+        if self._proc is None:
+            raise VcSimError("not started")
+        port = self.port
+        self.stop()
+        return self._start(port=port, same_identity=True)
+
+    def _start(self, *, port: int, same_identity: bool) -> VcSim:
         if self._proc is not None:
             raise VcSimError("already started")
         binary = self.binary or build()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        certs = make_certs(self.workdir / "certs")
+        certs_dir = self.workdir / "certs"
+        if same_identity:
+            # Clients keep trusting the CA and logging in with the password they have.
+            certs = CertPaths(
+                certs_dir / "ca.pem", certs_dir / "server.pem", certs_dir / "server-key.pem"
+            )
+        else:
+            certs = make_certs(certs_dir)
+            self.password = secrets.token_urlsafe(18)
         self.ca_cert = certs.ca_cert
-        self.password = secrets.token_urlsafe(18)
         ready = self.workdir / "ready.json"
         ready.unlink(missing_ok=True)
 
         argv = [
             str(binary),
             "-listen",
-            f"{self.host}:0",
+            f"{self.host}:{port}",
             "-cert",
             str(certs.cert),
             "-key",
@@ -336,7 +360,9 @@ class VcSim:
         """Counters of export downloads since the last `reset_stats()` (see stats.go):
         `nfc_active` and `nfc_max_active` (bodies being sent at once, now and at most),
         `nfc_requests`, `nfc_range_requests`, `nfc_status_faults`, `nfc_bytes`,
-        `nfc_completed` and `nfc_broken` (bodies sent whole, and cut or abandoned)."""
+        `nfc_completed` and `nfc_broken` (bodies sent whole, and cut or abandoned); and
+        `export_leases`, the export leases still ready (not completed, aborted or timed
+        out; not reset)."""
         return self._stats("GET", {"stats": "1"})
 
     def reset_stats(self) -> dict[str, int]:

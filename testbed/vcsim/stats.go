@@ -42,6 +42,9 @@ type statsState struct {
 	NfcBytes         int64 `json:"nfc_bytes"`
 	NfcCompleted     int64 `json:"nfc_completed"`
 	NfcBroken        int64 `json:"nfc_broken"`
+	// Export leases still ready (neither completed, aborted nor timed out): what a
+	// client that gave up left holding disks on the server. Not reset by reset().
+	ExportLeases int `json:"export_leases"`
 }
 
 // request counts a download request as it arrives, before any fault applies.
@@ -109,7 +112,18 @@ func (s *nfcStats) state() statsState {
 		NfcBytes:         s.bytes,
 		NfcCompleted:     s.completed,
 		NfcBroken:        s.broken,
+		ExportLeases:     liveLeases(),
 	}
+}
+
+// liveLeases counts the export leases in service.
+func liveLeases() int {
+	if theExports == nil {
+		return 0
+	}
+	theExports.mu.Lock()
+	defer theExports.mu.Unlock()
+	return len(theExports.leases)
 }
 
 // serveStats answers GET (the counters) and POST with reset (zero them, then the
