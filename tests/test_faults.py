@@ -41,17 +41,13 @@ from blocks import KvmCluster, KvmHost, MigrationSettings, StagePolicy, Temporar
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
 from tasks.inventory import list_vms
-from testbed.testing import request_for
+from testbed.testing import STOP_AFTER_EXPORT, request_for
 
 pytest_plugins = ["deployments.testing"]
 
 MiB = 1 << 20
 WEB = "Prod/Web/web server 01"  # stopped, one synthetic disk: 16 MiB, 4 MiB of data
 SLOW_KBPS = 512  # the disk's file then takes about 8 s to download
-# convert_timeout (hours) for runs that only need to get through the export: virt-v2v
-# gets 2 s (it needs about 30 s to refuse a synthetic disk), so the run fails right after
-# the export, with a message that says so.
-STOP_AFTER_EXPORT = 2 / 3600
 
 
 # --- what a run may leave behind ----------------------------------------------------------

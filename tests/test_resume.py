@@ -11,6 +11,7 @@ so virt-v2v then fails its inspection, and the failure cleans up as always.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +23,14 @@ import pytest
 from prefect import flow, task
 
 from deployments.serve import LocalPrefect
+from flows.migrate import migrate_vm
 from tasks import resume
+from tasks import vcenter as vc
 from tasks.resume import resumable
+from testbed.testing import STOP_AFTER_EXPORT, request_for
 
 VM = "multi-disk-efi"
+WEB = "Prod/Web/web server 01"  # stopped, one synthetic disk
 
 
 # ---- the cache keys, in process -----------------------------------------------------
@@ -70,6 +75,47 @@ def test_export_scope_needs_uuid_and_change_version():
     one = resume.export_scope("5003a1b2", "2026-11-26T09:00:00Z")
     assert one == resume.export_scope("5003a1b2", "2026-11-26T09:00:00Z")
     assert one != resume.export_scope("5003a1b2", "2026-11-26T09:00:01Z")
+
+
+# ---- reuse_exports: a new run takes over a finished export -----------------------
+
+
+def test_reuse_exports_takes_over_a_finished_export_of_the_same_state(bed, bed_blocks):
+    from blocks import MigrationSettings
+
+    # Each run stops right after its export (virt-v2v gets 2 s), failing as it should.
+    MigrationSettings(force_ms_export=True, convert_timeout=STOP_AFTER_EXPORT).save(
+        "reuse-settings", overwrite=True
+    )
+    request = request_for(bed_blocks, WEB, settings="reuse-settings", reuse_exports=True)
+    scratch = Path(bed.scratch)
+    exports = scratch / "v2k-exports"
+
+    def run_and_count() -> int:
+        bed.vcsim.reset_stats()
+        with pytest.raises(Exception, match="convert_timeout"):
+            migrate_vm(request)
+        assert [p.name for p in scratch.iterdir()] == ["v2k-exports"]  # run dir removed
+        return bed.vcsim.stats()["nfc_requests"]
+
+    try:
+        assert run_and_count() == 1
+        (kept,) = exports.iterdir()  # the failed run kept its finished export
+        size = (kept / "disk-0.vmdk").stat().st_size
+        assert size > 0
+
+        assert run_and_count() == 0  # the same VM in the same state: taken over
+        assert (kept / "disk-0.vmdk").stat().st_size == size
+
+        with bed.vcsim.connect() as si:
+            vm = vc.find_vm(si, vc.datacenter(si, None), WEB)
+            vc.wait_for_task(vm.ReconfigVM_Task(vc.vim.vm.ConfigSpec(annotation="edited")), 60)
+        assert run_and_count() == 1  # another change version: exported afresh
+        assert len(list(exports.iterdir())) == 2
+    finally:
+        for scope in exports.iterdir() if exports.exists() else []:
+            resume.forget(scope.name)
+        shutil.rmtree(exports, ignore_errors=True)
 
 
 # ---- a worker killed in the middle of a download ------------------------------------
