@@ -1,10 +1,18 @@
-"""The export stage: an NFC lease held by the parent task, one mapped download task per disk."""
+"""The export stage: an NFC lease held by the parent task, one mapped download task per disk.
+
+The parent is a task (`export-vm`), not a subflow: prefect 3.9's flow engine joins a
+heartbeat thread that sleeps in whole seconds when a flow run ends, which cost 0-1 s per
+export (20-50 % of a 1 GiB disk, docs/benchmarks.md). The parent caps the parallel
+downloads with a task runner of its own instead of a subflow's.
+"""
 
 from __future__ import annotations
 
+import ssl
+import time
 from pathlib import Path
 
-from prefect import flow, task, unmapped
+from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed, wait
 from prefect.logging import get_run_logger
@@ -28,6 +36,11 @@ def disk_file_name(index: int) -> str:
 
 # Exports (by run key) whose lease is gone: their queued and running downloads stop.
 _aborted: set[str] = set()
+
+# The TLS context of each running export (by run key), made once by the parent from the
+# VCenter block it loaded: its download tasks, in the same process, skip loading the block
+# again (25-120 ms each before the first byte). A task elsewhere loads the block.
+_tls: dict[str, ssl.SSLContext] = {}
 
 
 class ExportAborted(RuntimeError):
@@ -57,20 +70,28 @@ def download_disk(
             raise ExportAborted(f"disk {index}: another disk of this export failed")
 
     check_aborted()
-    vcenter = VCenter.load(vcenter_block)
+    started = time.monotonic()
+    tls = _tls.get(run_key) or VCenter.load(vcenter_block).ssl_context()
     dest = Path(directory) / disk_file_name(index)
-    progress = Progress(
-        artifact_key(run_key, f"disk-{index}"), f"export disk {index} ({dest.name})"
-    )
+    progress: Progress | None = None
 
     def on_progress(done: int, total: int | None) -> None:
+        nonlocal progress
         check_aborted()
+        if progress is None:
+            # Made at the first report, from the download's progress thread: creating the
+            # artifact is an API call that would otherwise delay the first byte.
+            progress = Progress(
+                artifact_key(run_key, f"disk-{index}"),
+                f"export disk {index} ({dest.name})",
+                started=started,
+            )
         progress.bytes(done, total)
 
     got = download(
         url,
         dest,
-        ssl_context=vcenter.ssl_context(),
+        ssl_context=tls,
         headers={"Cookie": cookie.get_secret_value()},
         expected_size=expected_size,
         read_timeout=settings.http_timeout,
@@ -80,6 +101,13 @@ def download_disk(
     if got.resumed_from:
         get_run_logger().info(
             "disk %d resumed from %d bytes already on disk", index, got.resumed_from
+        )
+    if got.discarded:
+        get_run_logger().warning(
+            "disk %d: the %d bytes on disk from an earlier try did not match the server's "
+            "(or could not be checked): downloaded again from the start",
+            index,
+            got.discarded,
         )
     return ExportedDisk(
         key=index,
@@ -129,26 +157,36 @@ def export_vm(
                 retries=settings.export.retries,
                 retry_delay_seconds=settings.export.retry_delay_seconds,
             )
-            # The caller's task runner caps how many run at once (threads_on_ms).
-            futures = capped.map(
-                index=list(range(len(urls))),
-                url=[u for _, u, _ in urls],
-                expected_size=[size for _, _, size in urls],
-                directory=unmapped(str(directory)),
-                vcenter_block=unmapped(vcenter_block),
-                cookie=unmapped(cookie),
-                settings=unmapped(settings),
-                run_key=unmapped(run_key),
-            )
+            # A task runner of our own caps how many run at once (threads_on_ms); the
+            # tasks still belong to the caller's flow run, under this task.
+            _tls[run_key] = vcenter.ssl_context()
             try:
-                # The first failure (after its retries) ends the export: the others stop
-                # at their next progress report instead of running against a dead lease.
-                disks_by_future = {id(f): f.result() for f in as_completed(futures)}
-            except BaseException:
-                _aborted.add(run_key)
-                wait(futures)
-                _aborted.discard(run_key)
-                raise
+                with ThreadPoolTaskRunner(max_workers=threads) as runner:
+                    futures = runner.map(
+                        capped,
+                        {
+                            "index": list(range(len(urls))),
+                            "url": [u for _, u, _ in urls],
+                            "expected_size": [size for _, _, size in urls],
+                            "directory": unmapped(str(directory)),
+                            "vcenter_block": unmapped(vcenter_block),
+                            "cookie": unmapped(cookie),
+                            "settings": unmapped(settings),
+                            "run_key": unmapped(run_key),
+                        },
+                    )
+                    try:
+                        # The first failure (after its retries) ends the export: the others
+                        # stop at their next progress report (queued ones before they
+                        # start) instead of running against a dead lease.
+                        disks_by_future = {id(f): f.result() for f in as_completed(futures)}
+                    except BaseException:
+                        _aborted.add(run_key)
+                        wait(futures)
+                        _aborted.discard(run_key)
+                        raise
+            finally:
+                _tls.pop(run_key, None)
             disks = [disks_by_future[id(f)] for f in futures]
             files = [
                 (device_id, disk.file_name, disk.bytes)
@@ -161,19 +199,31 @@ def export_vm(
     )
 
 
-@flow(name="export-vm", flow_run_name="export-{spec.name}")
-def export_stage(
+@task(name="export-vm", task_run_name="export-{spec.name}", cache_policy=NO_CACHE)
+def export_task(
     vcenter_block: str, spec: VmSpec, directory: str, settings: MigrationSettings, run_key: str
 ) -> ExportResult:
-    """The export as a subflow, so its task runner caps parallel downloads."""
+    """The export as a task: it holds the lease while its download tasks run."""
     return export_vm(vcenter_block, spec, Path(directory), settings, run_key)
 
 
 def run_export(
     vcenter_block: str, spec: VmSpec, directory: Path, settings: MigrationSettings, run_key: str
 ) -> ExportResult:
-    """Run the export subflow with at most `threads_on_ms` downloads at once."""
-    runner = ThreadPoolTaskRunner(max_workers=settings.download_threads(len(spec.disks)))
-    return export_stage.with_options(task_runner=runner)(
-        vcenter_block, spec, str(directory), settings, run_key
-    )
+    """Export the VM's disks and descriptor, at most `threads_on_ms` downloads at once.
+
+    Args:
+        vcenter_block: Name of the VCenter block.
+        spec: The powered-off VM (or clone) to export.
+        directory: Export directory on the worker; created if missing.
+        settings: threads_on_ms, http_timeout and the export stage's retries and timeout.
+        run_key: Names this export's artifacts and its abort flag.
+
+    Returns:
+        The directory, the descriptor's name and every disk with its size and sha256.
+
+    Raises:
+        TransferError: a disk could not be downloaded (after its retries); the lease is
+            aborted and the other downloads stopped.
+    """
+    return export_task(vcenter_block, spec, str(directory), settings, run_key)
