@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pyVmomi import vim
 
+import tasks.transfer as transfer
 from tasks.transfer import TAIL_CHECK, Downloaded, TransferError, download
 from testbed.images import sha256_file
 from testbed.inventory import apply_inventory, parse_inventory
@@ -382,3 +383,33 @@ def test_the_rate_fault_throttles_and_counts_the_download_as_active(
     assert 1 in seen
     stats = sim.stats()
     assert stats["nfc_active"] == 0 and stats["nfc_max_active"] == 1
+
+
+def test_the_file_system_type_comes_from_the_longest_mount_point(tmp_path: Path):
+    assert transfer._fs_type(Path("/proc/self")) == "proc"
+    assert transfer._fs_type(tmp_path) == transfer._fs_type(tmp_path / "missing" / "x")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o-direct", "page-cache"])
+def test_o_direct_on_a_local_file_system_and_the_page_cache_give_the_same_bytes(
+    sim: VcSim,
+    disk: Disk,
+    url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    direct: bool,
+):
+    if direct and transfer._fs_type(tmp_path) not in transfer.DIRECT_FS:
+        pytest.skip(f"{tmp_path} is on {transfer._fs_type(tmp_path)}: no O_DIRECT there")
+    monkeypatch.setattr(transfer, "DIRECT_IO", direct)
+    calls: list[bool] = []
+    real = transfer._set_direct
+    monkeypatch.setattr(transfer, "_set_direct", lambda fd, on: calls.append(on) or real(fd, on))
+    # A cut at an unaligned byte: the resume goes on through the page cache.
+    sim.fault(nfc_cut_after=3 * MiB + 100, times=1)
+    dest = tmp_path / "disk-0.vmdk"
+    got = fetch(sim, url, dest, expected_size=disk.size)
+    assert got.resumes == 1
+    assert got.sha256 == disk.sha256 == sha256_file(dest)
+    # O_DIRECT on for the first request; off at the cut's unaligned piece, never on again.
+    assert calls == ([True, False] if direct else [])
