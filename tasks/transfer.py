@@ -10,6 +10,7 @@ multi-disk export.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import fcntl
 import hashlib
@@ -19,6 +20,7 @@ import mmap
 import os
 import queue
 import re
+import socket
 import ssl
 import threading
 import time
@@ -206,6 +208,10 @@ class _Writer:
         done = 0
         while done < n:
             done += os.write(self._fd, data[done:])
+            if done < n and self._direct:
+                # A short write leaves the rest unaligned: on through the page cache.
+                _set_direct(self._fd, False)
+                self._direct = False
         self._digest.update(data)
         self.position += n
         if not self._direct and self.position - self._advised >= WRITEBACK:
@@ -247,38 +253,67 @@ class _Writer:
             raise self._error
 
 
-class _Reporter:
-    """Calls `on_progress` every `interval` seconds from a thread of its own.
+class _Watch:
+    """A thread beside the network loop: progress reports, aborts and the deadline.
 
-    The callback may talk to the Prefect API (progress artifacts): off the network loop, a
-    slow answer costs no throughput. An exception in the callback (an abort) is kept and
-    raised in the network loop by `check`.
+    Every `interval` seconds it calls `on_progress`, which may talk to the Prefect API
+    (progress artifacts): off the network loop, a slow answer costs no throughput. When
+    the callback raises (an abort) or the deadline passes, it shuts the connection's
+    socket down, so a read blocked on a slow server returns at once instead of when its
+    1 MiB buffer is full; `check` then raises the reason in the network loop.
     """
 
-    def __init__(self, on_progress: Progress, interval: float, done: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        on_progress: Progress | None,
+        interval: float,
+        done: Callable[[], int],
+        deadline: float | None,
+        deadline_seconds: float | None,
+        name: str,
+    ) -> None:
         self.total: int | None = None
+        self.sock: socket.socket | None = None
         self._on_progress = on_progress
         self._interval = interval
         self._done = done
+        self._deadline = deadline
+        self._deadline_seconds = deadline_seconds
+        self._name = name
         self._stop = threading.Event()
         self._error: BaseException | None = None
         # In a copy of the caller's context: the callback may need Prefect's run context
         # and settings (the API URL), which live in context variables.
         context = contextvars.copy_context()
         self._thread = threading.Thread(
-            target=context.run, args=(self._run,), name="progress", daemon=True
+            target=context.run, args=(self._run,), name=f"watch-{name}", daemon=True
         )
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            try:
-                self._on_progress(self._done(), self.total)
-            except BaseException as exc:  # noqa: BLE001 - raised in the network loop
-                self._error = exc
+            if self._deadline and time.monotonic() > self._deadline:
+                self._error = DeadlineExceeded(
+                    f"{self._name}: deadline of {self._deadline_seconds:.0f} s passed "
+                    f"at {self._done()} bytes"
+                )
+            elif self._on_progress:
+                try:
+                    self._on_progress(self._done(), self.total)
+                except BaseException as exc:  # noqa: BLE001 - raised in the network loop
+                    self._error = exc
+            if self._error is not None:
+                self._interrupt()
                 return
 
+    def _interrupt(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def check(self) -> None:
+        """Raise the callback's exception or the deadline, if either stopped the download."""
         if self._error is not None:
             raise self._error
 
@@ -337,6 +372,7 @@ def download(
         max_resumes: Broken connections tolerated in a row without progress.
         on_progress: Called every `progress_interval` seconds (from another thread) and
             at the end; an exception it raises stops the download.
+        progress_interval: Seconds between progress reports, and between deadline checks.
 
     Raises:
         TransferError: the server refused, TLS verification failed, the size is wrong,
@@ -368,10 +404,13 @@ def download(
     direct = DIRECT_IO and _fs_type(dest.parent) in DIRECT_FS
     request_headers = {"User-Agent": "v2k", **(headers or {})}
     writer: _Writer | None = None
-    reporter = (
-        _Reporter(on_progress, progress_interval, lambda: writer.position if writer else offset)
-        if on_progress
-        else None
+    watch = _Watch(
+        on_progress,
+        progress_interval,
+        lambda: writer.position if writer else offset,
+        deadline,
+        deadline_seconds,
+        dest.name,
     )
 
     def fail(reason: str) -> TransferError:
@@ -379,14 +418,14 @@ def download(
 
     try:
         while True:
+            watch.check()
             if total is not None and offset > total:
                 raise fail(f"{offset} bytes on disk, more than the {total} expected")
             # Only the file found at the start is checked (a tail to compare).
             start = offset - len(tail) if tail else offset
             if total is not None and start == total:
                 break
-            if reporter:
-                reporter.total = total
+            watch.total = total
             progressed = False
             connection = http.client.HTTPSConnection(
                 parts.hostname,
@@ -398,6 +437,7 @@ def download(
                 try:
                     connection.connect()
                     connection.sock.settimeout(read_timeout)
+                    watch.sock = connection.sock
                     connection.request(
                         "GET",
                         target,
@@ -407,6 +447,7 @@ def download(
                 except ssl.SSLCertVerificationError as exc:
                     raise fail(f"TLS verification of {parts.hostname} failed: {exc}") from None
                 except (OSError, http.client.HTTPException) as exc:
+                    watch.check()
                     raise _Broken(str(exc) or type(exc).__name__) from exc
                 if response.status == 416 and start:
                     if tail:
@@ -437,12 +478,11 @@ def download(
                     tail = b""
                     if offset == total:
                         break  # the file on disk was whole
-                if reporter:
-                    reporter.total = total
+                watch.total = total
                 with dest.open("ab" if offset else "wb", buffering=0) as out:
                     writer = _Writer(out, digest, offset, dest.name, direct)
                     try:
-                        _stream(response, writer, deadline, deadline_seconds, dest, reporter)
+                        _stream(response, writer, watch)
                     finally:
                         # Whatever was handed over is on disk now (or the writer failed).
                         writer.close()
@@ -478,8 +518,7 @@ def download(
                 )
             time.sleep(min(2**stalled * 0.1, 5))
     finally:
-        if reporter:
-            reporter.stop()
+        watch.stop()
 
     if expected_size is not None and offset != expected_size:
         raise fail(f"got {offset} bytes, expected {expected_size}")
@@ -510,19 +549,12 @@ def _read_exactly(response: http.client.HTTPResponse, n: int) -> bytes:
     return bytes(buf)
 
 
-def _stream(
-    response: http.client.HTTPResponse,
-    writer: _Writer,
-    deadline: float | None,
-    deadline_seconds: float | None,
-    dest: Path,
-    reporter: _Reporter | None,
-) -> None:
+def _stream(response: http.client.HTTPResponse, writer: _Writer, watch: _Watch) -> None:
     """Read the body into the writer's buffers until its end.
 
-    Raises `_Broken` when the connection fails; the buffers handed over before are kept.
+    Raises `_Broken` when the connection fails (the buffers handed over before are kept),
+    or what `watch` stopped the download for.
     """
-    handed = writer.position
     while True:
         buf = writer.buffer()
         try:
@@ -531,18 +563,15 @@ def _stream(
             n = response.readinto(buf)
         except (OSError, http.client.HTTPException) as exc:
             writer.give_back(buf)
+            watch.check()
             raise _Broken(str(exc) or type(exc).__name__) from exc
-        if not n:
+        if n:
+            writer.put(buf, n)
+        else:
             writer.give_back(buf)
+        watch.check()
+        if not n:
             return
-        writer.put(buf, n)
-        handed += n
-        if reporter:
-            reporter.check()
-        if deadline and time.monotonic() > deadline:
-            raise DeadlineExceeded(
-                f"{dest.name}: deadline of {deadline_seconds:.0f} s passed at {handed} bytes"
-            )
 
 
 def _safe(url: str) -> str:

@@ -356,6 +356,37 @@ def test_the_deadline_stops_a_slow_download(sim: VcSim, disk: Disk, url: str, tm
         fetch(sim, url, tmp_path / "disk-0.vmdk", deadline_seconds=1)
 
 
+def test_the_deadline_stops_a_download_stuck_in_a_slow_read(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    import time
+
+    # 8 KiB/s: one 1 MiB read would take two minutes; the watch thread ends it.
+    sim.fault(nfc_rate_kbps=8, times=1)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="deadline of 1 s passed"):
+        fetch(sim, url, tmp_path / "disk-0.vmdk", deadline_seconds=1, progress_interval=0.2)
+    assert time.monotonic() - started < 5
+
+
+def test_an_abort_stops_a_download_stuck_in_a_slow_read(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    import time
+
+    class Abort(Exception):
+        pass
+
+    def on_progress(done: int, total: int | None) -> None:
+        raise Abort
+
+    sim.fault(nfc_rate_kbps=8, times=1)
+    started = time.monotonic()
+    with pytest.raises(Abort):
+        fetch(sim, url, tmp_path / "disk-0.vmdk", on_progress=on_progress, progress_interval=0.2)
+    assert time.monotonic() - started < 5
+
+
 def test_the_rate_fault_throttles_and_counts_the_download_as_active(
     sim: VcSim, disk: Disk, url: str, tmp_path: Path
 ):
