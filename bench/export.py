@@ -1,4 +1,4 @@
-"""Export benchmark: v2k's export subflow against raw clients of the same NFC lease URLs.
+"""Export benchmark: v2k's export stage against raw clients of the same NFC lease URLs.
 
 What runs, all on this machine, over TLS on loopback:
 
@@ -757,9 +757,17 @@ class Throughput:
     def ratio(self) -> float:
         return self.best("v2k").rate / self.best_raw().rate
 
+    def round_ratios(self) -> list[float]:
+        """v2k's rate over the faster raw client's in each round: runs close in time share
+        the machine's load, so these move less with other work than the best-of ratio."""
+        return [
+            v.rate / max(c.rate, h.rate)
+            for v, c, h in zip(self.runs["v2k"], self.runs["curl"], self.runs["httpx"], strict=True)
+        ]
+
     def transfer_rate(self) -> float:
         """v2k's best rate from the task results: the downloads alone, without the lease,
-        the descriptor and Prefect's own start and end of the subflow."""
+        the descriptor and Prefect's own start and end of the export task."""
         return max(r.bytes / max(r.extra["disk_seconds"]) for r in self.runs["v2k"])
 
 
@@ -802,10 +810,13 @@ class Result:
             )
             transfer = t.transfer_rate()
             outside = [r.seconds - max(r.extra["disk_seconds"]) for r in t.runs["v2k"]]
+            rounds = t.round_ratios()
             lines.append(
                 f"  (downloads alone, from the task results: {mib(transfer):.0f} MiB/s = "
                 f"{transfer / raw.rate:.2f} of the raw client; run_export spent "
-                f"{min(outside):.2f}-{max(outside):.2f} s outside the downloads)"
+                f"{min(outside):.2f}-{max(outside):.2f} s outside the downloads; "
+                f"round by round, v2k over the faster raw client of its round: "
+                f"{min(rounds):.2f}-{max(rounds):.2f}, median {statistics.median(rounds):.2f})"
             )
         if self.memory:
             m = self.memory

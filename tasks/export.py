@@ -1,15 +1,23 @@
-"""The export stage: an NFC lease held by the parent task, one mapped download task per disk."""
+"""The export stage: an NFC lease held by the parent task, one mapped download task per disk.
+
+The parent is a task (`export-vm`), not a subflow: prefect 3.9's flow engine joins a
+heartbeat thread that sleeps in whole seconds when a flow run ends, which cost 0-1 s per
+export (20-50 % of a 1 GiB disk, docs/benchmarks.md). The parent caps the parallel
+downloads with a task runner of its own instead of a subflow's.
+"""
 
 from __future__ import annotations
 
 import errno
+import ssl
 import time
 from http.client import HTTPException
 from pathlib import Path
 
-from prefect import flow, task, unmapped
+from prefect import task, unmapped
 from prefect.futures import as_completed, wait
 from prefect.logging import get_run_logger
+from prefect.runtime import task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 from pyVmomi import vim
@@ -33,6 +41,11 @@ def disk_file_name(index: int) -> str:
 
 # Exports (by run key) whose lease is gone: their queued and running downloads stop.
 _aborted: set[str] = set()
+
+# The TLS context of each running export (by run key), made once by the parent from the
+# VCenter block it loaded: its download tasks, in the same process, skip loading the block
+# again (25-120 ms each before the first byte). A task elsewhere loads the block.
+_tls: dict[str, ssl.SSLContext] = {}
 
 
 class ExportAborted(RuntimeError):
@@ -89,21 +102,29 @@ def download_disk(
             raise ExportAborted(f"disk {index}: another disk of this export failed")
 
     check_aborted()
-    vcenter = VCenter.load(vcenter_block)
+    started = time.monotonic()
+    tls = _tls.get(run_key) or VCenter.load(vcenter_block).ssl_context()
     dest = Path(directory) / disk_file_name(index)
-    progress = Progress(
-        artifact_key(run_key, f"disk-{index}"), f"export disk {index} ({dest.name})"
-    )
+    progress: Progress | None = None
 
     def on_progress(done: int, total: int | None) -> None:
+        nonlocal progress
         check_aborted()
+        if progress is None:
+            # Made at the first report, from the download's progress thread: creating the
+            # artifact is an API call that would otherwise delay the first byte.
+            progress = Progress(
+                artifact_key(run_key, f"disk-{index}"),
+                f"export disk {index} ({dest.name})",
+                started=started,
+            )
         progress.bytes(done, total)
 
     try:
         got = download(
             url,
             dest,
-            ssl_context=vcenter.ssl_context(),
+            ssl_context=tls,
             headers={"Cookie": cookie.get_secret_value()},
             expected_size=expected_size,
             read_timeout=settings.http_timeout,
@@ -123,6 +144,13 @@ def download_disk(
         get_run_logger().info(
             "disk %d resumed from %d bytes already on disk", index, got.resumed_from
         )
+    if got.discarded:
+        get_run_logger().warning(
+            "disk %d: the %d bytes on disk from an earlier try did not match the server's "
+            "(or could not be checked): downloaded again from the start",
+            index,
+            got.discarded,
+        )
     return ExportedDisk(
         key=index,
         file_name=dest.name,
@@ -137,13 +165,23 @@ def _bytes_on_disk(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("disk-*.vmdk"))
 
 
-def _worth_a_new_lease(exc: BaseException) -> bool:
-    """A fault of the lease or of the vCenter session, which a new lease can cure."""
-    if isinstance(exc, TransferError):
+def _new_lease_helps(task, task_run, state) -> bool:
+    """`retry_condition_fn` of the export: retry after a fault of the lease or of the
+    vCenter session (vCenter restarted or unreachable for a while, the lease gone), which
+    a new session and lease can cure; the downloads then resume from the bytes on disk."""
+    try:
+        state.result()
+    except TransferError as exc:
         return exc.status is None  # connections kept breaking, nothing refused
-    return isinstance(
-        exc, LeaseLost | VCenterError | OSError | HTTPException | vim.fault.NotAuthenticated
-    )
+    except (LeaseLost, VCenterError, HTTPException, vim.fault.NotAuthenticated):
+        return True
+    except StorageFull:
+        return False
+    except OSError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not the lease's fault
+        return False
+    return False
 
 
 def export_vm(
@@ -157,37 +195,17 @@ def export_vm(
     """Export a powered-off VM into `directory`: disks through the lease, then the descriptor.
 
     The lease stays open, and alive, until every download task is done; it is completed on
-    success and aborted on any failure. A try that fails with the lease or the vCenter
-    session (vCenter restarted or unreachable for a while, the lease gone) is tried again
-    with a new session and a new lease, `settings.export.retries` times, and the downloads
-    resume from the bytes already on disk. A full temporary storage is not retried.
-    `resume_token`: see `download_disk`.
+    success and aborted on any failure. `resume_token`: see `download_disk`.
+
+    Raises:
+        StorageFull: the temporary storage filled up; not worth a retry.
     """
-    policy = settings.export
-    attempt = 0
-    while True:
-        try:
-            return _export_with_lease(
-                vcenter_block, spec, directory, settings, run_key, resume_token
-            )
-        except Exception as exc:
-            if isinstance(exc, OSError) and _no_space(exc):
-                raise _storage_full(Path(exc.filename or directory), exc) from exc
-            if attempt >= policy.retries or not _worth_a_new_lease(exc):
-                raise
-            attempt += 1
-            get_run_logger().warning(
-                "export of %s failed (%s: %s); asking for a new export lease in %.0f s "
-                "(retry %d of %d), the downloads resume from the %d bytes on disk",
-                spec.name,
-                type(exc).__name__,
-                exc,
-                policy.retry_delay_seconds,
-                attempt,
-                policy.retries,
-                _bytes_on_disk(directory),
-            )
-        time.sleep(policy.retry_delay_seconds)
+    try:
+        return _export_with_lease(vcenter_block, spec, directory, settings, run_key, resume_token)
+    except OSError as exc:
+        if _no_space(exc):
+            raise _storage_full(Path(exc.filename or directory), exc) from exc
+        raise
 
 
 def _export_with_lease(
@@ -198,7 +216,6 @@ def _export_with_lease(
     run_key: str,
     resume_token: str | None,
 ) -> ExportResult:
-    """One try of `export_vm`: one vCenter session, one lease."""
     logger = get_run_logger()
     vcenter = VCenter.load(vcenter_block)
     directory.mkdir(parents=True, exist_ok=True)
@@ -221,32 +238,43 @@ def _export_with_lease(
                 retries=settings.export.retries,
                 retry_delay_seconds=settings.export.retry_delay_seconds,
             )
-            # The caller's task runner caps how many run at once (threads_on_ms).
-            futures = capped.map(
-                index=list(range(len(urls))),
-                url=[u for _, u, _ in urls],
-                expected_size=[size for _, _, size in urls],
-                directory=unmapped(str(directory)),
-                vcenter_block=unmapped(vcenter_block),
-                cookie=unmapped(cookie),
-                settings=unmapped(settings),
-                run_key=unmapped(run_key),
-                # The VM's identity and state are part of what a finished disk is.
-                resume_token=unmapped(
-                    f"{resume_token}/{spec.instance_uuid}/{spec.change_version}"
-                    if resume_token
-                    else None
-                ),
-            )
+            # A task runner of our own caps how many run at once (threads_on_ms); the
+            # tasks still belong to the caller's flow run, under this task.
+            _tls[run_key] = vcenter.ssl_context()
             try:
-                # The first failure (after its retries) ends the export: the others stop
-                # at their next progress report instead of running against a dead lease.
-                disks_by_future = {id(f): f.result() for f in as_completed(futures)}
-            except BaseException:
-                _aborted.add(run_key)
-                wait(futures)
-                _aborted.discard(run_key)
-                raise
+                with ThreadPoolTaskRunner(max_workers=threads) as runner:
+                    futures = runner.map(
+                        capped,
+                        {
+                            "index": list(range(len(urls))),
+                            "url": [u for _, u, _ in urls],
+                            "expected_size": [size for _, _, size in urls],
+                            "directory": unmapped(str(directory)),
+                            "vcenter_block": unmapped(vcenter_block),
+                            "cookie": unmapped(cookie),
+                            "settings": unmapped(settings),
+                            "run_key": unmapped(run_key),
+                            # The VM's identity and state are part of what a finished
+                            # disk is.
+                            "resume_token": unmapped(
+                                f"{resume_token}/{spec.instance_uuid}/{spec.change_version}"
+                                if resume_token
+                                else None
+                            ),
+                        },
+                    )
+                    try:
+                        # The first failure (after its retries) ends the export: the others
+                        # stop at their next progress report (queued ones before they
+                        # start) instead of running against a dead lease.
+                        disks_by_future = {id(f): f.result() for f in as_completed(futures)}
+                    except BaseException:
+                        _aborted.add(run_key)
+                        wait(futures)
+                        _aborted.discard(run_key)
+                        raise
+            finally:
+                _tls.pop(run_key, None)
             disks = [disks_by_future[id(f)] for f in futures]
             files = [
                 (device_id, disk.file_name, disk.bytes)
@@ -259,8 +287,13 @@ def _export_with_lease(
     )
 
 
-@flow(name="export-vm", flow_run_name="export-{spec.name}")
-def export_stage(
+@task(
+    name="export-vm",
+    task_run_name="export-{spec.name}",
+    retry_condition_fn=_new_lease_helps,
+    **resumable("spec.instance_uuid", "spec.change_version", "directory"),
+)
+def export_task(
     vcenter_block: str,
     spec: VmSpec,
     directory: str,
@@ -268,7 +301,19 @@ def export_stage(
     run_key: str,
     resume_token: str | None = None,
 ) -> ExportResult:
-    """The export as a subflow, so its task runner caps parallel downloads."""
+    """The export as a task: it holds the lease while its download tasks run.
+
+    A retry (after a fault of the lease or the session) asks for a new lease; the disks
+    finished before are not downloaded again, a partial one goes on (`resume_token`).
+    """
+    if task_run.run_count > 1:
+        get_run_logger().warning(
+            "export of %s: asking for a new export lease (try %d); the downloads resume "
+            "from the %d bytes on disk",
+            spec.name,
+            task_run.run_count,
+            _bytes_on_disk(Path(directory)) if Path(directory).is_dir() else 0,
+        )
     return export_vm(vcenter_block, spec, Path(directory), settings, run_key, resume_token)
 
 
@@ -280,11 +325,25 @@ def run_export(
     run_key: str,
     resume_token: str | None = None,
 ) -> ExportResult:
-    """Run the export subflow with at most `threads_on_ms` downloads at once.
+    """Export the VM's disks and descriptor, at most `threads_on_ms` downloads at once.
 
-    `resume_token`: see `download_disk`; None downloads every disk.
+    Args:
+        vcenter_block: Name of the VCenter block.
+        spec: The powered-off VM (or clone) to export.
+        directory: Export directory on the worker; created if missing.
+        settings: threads_on_ms, http_timeout and the export stage's retries and timeout.
+        run_key: Names this export's artifacts and its abort flag.
+        resume_token: See `download_disk`; None downloads every disk.
+
+    Returns:
+        The directory, the descriptor's name and every disk with its size and sha256.
+
+    Raises:
+        TransferError: a disk could not be downloaded (after its retries); the lease is
+            aborted and the other downloads stopped.
     """
-    runner = ThreadPoolTaskRunner(max_workers=settings.download_threads(len(spec.disks)))
-    return export_stage.with_options(task_runner=runner)(
-        vcenter_block, spec, str(directory), settings, run_key, resume_token
+    policy = settings.export
+    retried = export_task.with_options(
+        retries=policy.retries, retry_delay_seconds=policy.retry_delay_seconds
     )
+    return retried(vcenter_block, spec, str(directory), settings, run_key, resume_token)

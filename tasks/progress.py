@@ -42,6 +42,7 @@ class Progress:
         log_every_percent: float = 10,
         min_interval: float = 2.0,
         echo: Callable[[str, float], None] | None = None,
+        started: float | None = None,
     ) -> None:
         self.description = description
         self.log_every = log_every_percent
@@ -50,7 +51,8 @@ class Progress:
         self._last_logged = -log_every_percent
         self._last_update = 0.0
         self._artifact_id = None
-        self._started = time.monotonic()
+        # The rate counts from `started` (time.monotonic()) when the work began earlier.
+        self._started = time.monotonic() if started is None else started
         if _in_run():
             self.logger = get_run_logger()
             self._artifact_id = create_progress_artifact(

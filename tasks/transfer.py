@@ -1,30 +1,62 @@
-"""Streaming a disk from an NFC device URL to a file: constant memory, resumable, checked."""
+"""Streaming a disk from an NFC device URL to a file: constant memory, resumable, checked.
+
+The disk body is read with the standard library's `http.client`, not httpx (which the rest
+of v2k uses for HTTP), because it is measurably cheaper: `HTTPResponse.readinto` fills a
+preallocated 1 MiB buffer in one call where httpx parses every 16 KiB TLS record in Python
+and allocates every chunk; the whole download, sha256 and writes included, needs 1.5 CPU
+s/GiB against 2.1-2.3 with httpx (docs/benchmarks.md), and CPU is what bounds a
+multi-disk export.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import fcntl
 import hashlib
+import http.client
+import logging
+import mmap
 import os
 import queue
+import re
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from urllib.parse import urlsplit
 
 CHUNK = 1 << 20
-"""Bytes handed from the network to the writer thread at a time (and read per hash step)."""
+"""Bytes read from the network per call, handed to the writer thread in one buffer."""
 
 QUEUE_CHUNKS = 4
-"""Chunks waiting for the writer at most: bounds the memory of one download."""
+"""Buffers of one download: bounds its memory (`QUEUE_CHUNKS * CHUNK`)."""
 
 WRITEBACK = 32 << 20
 """Every this many bytes the writer asks the kernel to write back what came before."""
 
+TAIL_CHECK = 64 << 10
+"""Bytes at the end of a partial file that are asked for again and compared before resuming."""
+
+DIRECT_IO = True
+"""Write with O_DIRECT on the local file systems of `DIRECT_FS` (see `_Writer`)."""
+
+DIRECT_FS = frozenset({"ext4", "ext3", "ext2", "xfs", "btrfs", "f2fs"})
+"""Local block file systems: on NFS every O_DIRECT write would wait for the server."""
+
+ALIGN = 4096
+"""File offsets and lengths O_DIRECT writes keep to."""
+
+CONNECT_TIMEOUT = 30.0
+"""Seconds allowed for the TCP connection and the TLS handshake (at most `read_timeout`)."""
+
 Progress = Callable[[int, int | None], None]
 """Called with (bytes on disk, total bytes or None) as the download goes."""
+
+log = logging.getLogger(__name__)
 
 
 class TransferError(RuntimeError):
@@ -43,6 +75,10 @@ class TransferError(RuntimeError):
         return type(self), (str(self), self.status)
 
 
+class DeadlineExceeded(TimeoutError):
+    """The whole download took longer than its deadline."""
+
+
 @dataclass
 class Downloaded:
     bytes: int
@@ -50,88 +86,263 @@ class Downloaded:
     seconds: float
     resumed_from: int
     resumes: int
+    discarded: int = 0
+    """Bytes of a partial file that did not match the server's and were downloaded again."""
 
 
-def _hash_existing(path: Path, digest) -> int:
+class _Broken(Exception):
+    """The connection broke or ended early: the download resumes with Range."""
+
+
+class _Mismatch(Exception):
+    """The bytes on disk are not the server's: the download starts again from 0."""
+
+
+def _hash_existing(path: Path, digest) -> tuple[int, bytes]:
+    """Feed the file into `digest`; return its size and its last `TAIL_CHECK` bytes."""
     size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+        tail = b""
+        if size:
+            f.seek(max(0, size - TAIL_CHECK))
+            tail = f.read()
+    return size, tail
 
 
-def _total_from(response: httpx.Response, offset: int) -> int | None:
-    if response.status_code == 206:
-        _, _, total = response.headers.get("content-range", "").rpartition("/")
+def _total_from(response: http.client.HTTPResponse, start: int) -> int | None:
+    """Size of the whole resource from a 206's Content-Range or a Content-Length."""
+    if response.status == 206:
+        _, _, total = (response.getheader("content-range") or "").rpartition("/")
         return int(total) if total.isdigit() else None
-    length = response.headers.get("content-length")
-    return int(length) + offset if length and length.isdigit() else None
+    length = response.getheader("content-length")
+    return int(length) + start if length and length.isdigit() else None
+
+
+def _range_start(response: http.client.HTTPResponse) -> int | None:
+    """First byte of a 206 answer, from `Content-Range: bytes START-END/TOTAL`."""
+    unit, _, spec = (response.getheader("content-range") or "").partition(" ")
+    first = spec.partition("-")[0]
+    return int(first) if unit == "bytes" and first.isdigit() else None
+
+
+def _fs_type(path: Path) -> str:
+    """Type of the file system holding `path` (the longest mount point above it)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    target = str(path.resolve())
+    best, found = "", ""
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        # Mount points escape spaces and the like as octal (\040).
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, found = mount, right.split()[0]
+    return found
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; False where the file system does not do it."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | direct if on else flags & ~direct)
+    except OSError:
+        return False
+    return True
 
 
 class _Writer:
-    """Hashes and writes the received chunks in a thread of its own.
+    """Hashes and writes the received buffers in a thread of its own.
 
-    The network loop only reads: TLS, HTTP parsing, hashing and writing then use two
-    cores instead of one. The queue holds at most `QUEUE_CHUNKS` chunks, so memory stays
-    constant whatever the disk size. Every `WRITEBACK` bytes the kernel is asked to start
-    writing the file back (and to drop what it already wrote from the page cache), so the
-    final fsync has little left to do and a big export does not fill the page cache.
+    The network loop only reads: TLS, hashing and writing then use two cores instead of
+    one. The buffers (`QUEUE_CHUNKS` of `CHUNK` bytes) are allocated once and go round
+    between the two threads, so memory stays constant whatever the disk size and no
+    page is faulted in per chunk.
+
+    With `direct` (a local file system, see `DIRECT_FS`) the file is written with
+    O_DIRECT: the device reads the buffer itself, without the copy into the page cache,
+    its write-back and the reclaim of those pages later, about 0.15 CPU s/GiB less in all
+    (docs/benchmarks.md); a write that is not `ALIGN`ed (the disk's last piece) turns it
+    off for the rest of the file. Otherwise, every `WRITEBACK` bytes the kernel is asked
+    to start writing the file back (and to drop what it already wrote from the page
+    cache), so the final fsync has little left to do and a big export does not fill the
+    page cache.
     """
 
-    def __init__(self, out, digest, position: int, name: str) -> None:
+    def __init__(self, out, digest, position: int, name: str, direct: bool = False) -> None:
         self._out = out
+        self._fd = out.fileno()
         self._digest = digest
-        self._position = position
+        self.position = position
         self._advised = position
-        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._direct = direct and position % ALIGN == 0 and _set_direct(self._fd, True)
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        for _ in range(QUEUE_CHUNKS):
+            # Anonymous maps are page-aligned, as O_DIRECT wants.
+            self._free.put(mmap.mmap(-1, CHUNK))
+        self._full: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self.written = 0
         self._thread = threading.Thread(target=self._run, name=f"write-{name}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (pieces := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # keep draining so the network loop never blocks on a dead writer
-            try:
-                data = b"".join(pieces)
-                self._out.write(data)
-                self._digest.update(data)
-                self.written += len(data)
-                self._position += len(data)
-                if self._position - self._advised >= WRITEBACK:
-                    self._writeback()
-            except BaseException as exc:  # noqa: BLE001 - raised in the network loop
-                self._error = exc
+        while (item := self._full.get()) is not None:
+            buf, n = item
+            if self._error is None:
+                try:
+                    self._write(memoryview(buf)[:n])
+                except BaseException as exc:  # noqa: BLE001 - raised in the network loop
+                    self._error = exc
+            # Back to the network loop even after an error, so it never waits on a dead writer.
+            self._free.put(buf)
+
+    def _write(self, data: memoryview) -> None:
+        n = len(data)
+        if self._direct and (self.position % ALIGN or n % ALIGN):
+            # The last piece of the disk, or one cut short by a break: the rest of the
+            # file goes through the page cache.
+            _set_direct(self._fd, False)
+            self._direct = False
+        # Both release the GIL for the whole buffer.
+        done = 0
+        while done < n:
+            done += os.write(self._fd, data[done:])
+            if done < n and self._direct:
+                # A short write leaves the rest unaligned: on through the page cache.
+                _set_direct(self._fd, False)
+                self._direct = False
+        self._digest.update(data)
+        self.position += n
+        if not self._direct and self.position - self._advised >= WRITEBACK:
+            self._writeback()
 
     def _writeback(self) -> None:
         if not hasattr(os, "posix_fadvise"):
             return
-        self._out.flush()
         # Pages up to the last mark were written back since: dropped now; the pages
         # since the last mark are dirty: their write-back starts now, without waiting.
         start = max(0, self._advised - WRITEBACK)
-        os.posix_fadvise(self._out.fileno(), start, self._position - start, os.POSIX_FADV_DONTNEED)
-        self._advised = self._position
+        os.posix_fadvise(self._fd, start, self.position - start, os.POSIX_FADV_DONTNEED)
+        self._advised = self.position
 
-    def put(self, pieces: list[bytes]) -> None:
-        """Queue pieces for the writer; raise its error if it failed."""
+    def buffer(self) -> mmap.mmap:
+        """A free buffer to read into (waits while all are queued); raises the writer's error."""
+        buf = self._free.get()
         if self._error is not None:
+            self._free.put(buf)
             raise self._error
-        self._queue.put(pieces)
+        return buf
 
-    def close(self, tail: list[bytes]) -> None:
-        """Write `tail` too, wait until everything is written and hashed, stop the thread.
+    def put(self, buf: mmap.mmap, n: int) -> None:
+        """Queue the first `n` bytes of `buf`; the buffer comes back once written."""
+        self._full.put((buf, n))
+
+    def give_back(self, buf: mmap.mmap) -> None:
+        """Return a buffer that was not filled."""
+        self._free.put(buf)
+
+    def close(self) -> None:
+        """Wait until everything queued is written and hashed, stop the thread.
 
         Raises the writer's error, if any.
         """
-        if tail and self._error is None:
-            self._queue.put(tail)
-        self._queue.put(None)
+        self._full.put(None)
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+class _Watch:
+    """A thread beside the network loop: progress reports, aborts and the deadline.
+
+    Every `interval` seconds it calls `on_progress`, which may talk to the Prefect API
+    (progress artifacts): off the network loop, a slow answer costs no throughput. When
+    the callback raises (an abort) or the deadline passes, it shuts the connection's
+    socket down, so a read blocked on a slow server returns at once instead of when its
+    1 MiB buffer is full; `check` then raises the reason in the network loop.
+    """
+
+    def __init__(
+        self,
+        on_progress: Progress | None,
+        interval: float,
+        done: Callable[[], int],
+        deadline: float | None,
+        deadline_seconds: float | None,
+        name: str,
+    ) -> None:
+        self.total: int | None = None
+        self.sock: socket.socket | None = None
+        self._on_progress = on_progress
+        self._interval = interval
+        self._done = done
+        self._deadline = deadline
+        self._deadline_seconds = deadline_seconds
+        self._name = name
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        # In a copy of the caller's context: the callback may need Prefect's run context
+        # and settings (the API URL), which live in context variables.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name=f"watch-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            if self._deadline and time.monotonic() > self._deadline:
+                self._error = DeadlineExceeded(
+                    f"{self._name}: deadline of {self._deadline_seconds:.0f} s passed "
+                    f"at {self._done()} bytes"
+                )
+            elif self._on_progress:
+                try:
+                    self._on_progress(self._done(), self.total)
+                except BaseException as exc:  # noqa: BLE001 - raised in the network loop
+                    self._error = exc
+            if self._error is not None:
+                self._interrupt()
+                return
+
+    def _interrupt(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def check(self) -> None:
+        """Raise the callback's exception or the deadline, if either stopped the download."""
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _context(ssl_context: ssl.SSLContext | bool) -> ssl.SSLContext:
+    if isinstance(ssl_context, ssl.SSLContext):
+        return ssl_context
+    if ssl_context:
+        return ssl.create_default_context()
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def download(
@@ -149,120 +360,181 @@ def download(
 ) -> Downloaded:
     """Download `url` into `dest`, resuming from the bytes already there.
 
-    A file left by an earlier try is hashed first, then the rest is asked for with a
-    Range request; a server that ignores Range makes the download start over. After a
-    broken connection the download resumes the same way, up to `max_resumes` times.
-    Bytes received before a break are kept: a resume asks only for what is missing.
+    A file left by an earlier try is hashed first; then the download asks for the range
+    from `TAIL_CHECK` bytes before its end and compares those bytes with the file's
+    tail. If they match it goes on from the end of the file; if not (or the server
+    ignores Range, or the file is longer than the disk) the file is downloaded again from
+    0, with a warning. After a broken connection the download resumes with Range from the
+    bytes it has written (no check: they came from this server a moment ago), up to
+    `max_resumes` times in a row without progress. Bytes received before a break are kept,
+    but for the buffer being filled when the connection fails with an error.
 
-    The network loop reads; a second thread hashes and writes (see `_Writer`), so a
-    download uses two cores when it can, and at most `QUEUE_CHUNKS` MiB of memory.
+    The network loop reads; a second thread hashes and writes (see `_Writer`, which uses
+    O_DIRECT on local file systems), so a download uses two cores when it can, and
+    `QUEUE_CHUNKS` MiB of buffers. The file is fsynced before the download returns.
 
     Args:
         url: The device URL, host already filled in.
         dest: Target file; its directory must exist.
-        ssl_context: TLS verification as for httpx's `verify`.
-        headers: Extra request headers (the vCenter session cookie).
+        ssl_context: TLS verification: a context, True (system CAs) or False (none).
+        headers: Extra request headers (the vCenter session cookie); never logged.
         expected_size: Size the file must have at the end; None trusts the server.
         read_timeout: Seconds without a byte before the connection counts as broken.
         deadline_seconds: Hard limit for the whole download.
         max_resumes: Broken connections tolerated in a row without progress.
-        on_progress: Called at most every `progress_interval` seconds and at the end.
+        on_progress: Called every `progress_interval` seconds (from another thread) and
+            at the end; an exception it raises stops the download.
+        progress_interval: Seconds between progress reports, and between deadline checks.
 
     Raises:
-        TransferError: the server refused, the size is wrong, or resumes ran out.
+        TransferError: the server refused, TLS verification failed, the size is wrong,
+            or resumes ran out.
         TimeoutError: the deadline passed.
     """
     started = time.monotonic()
     deadline = started + deadline_seconds if deadline_seconds else None
     digest = hashlib.sha256()
-    offset = _hash_existing(dest, digest) if dest.exists() else 0
+    offset, tail = _hash_existing(dest, digest) if dest.exists() else (0, b"")
+    discarded = 0
+    if 0 < offset <= TAIL_CHECK:
+        # Too short to check against the server and cheaper to fetch again.
+        discarded, digest, offset, tail = offset, hashlib.sha256(), 0, b""
+    if expected_size is not None and offset > expected_size:
+        log.warning(
+            "%s: the %d bytes on disk are more than the disk's %d: downloading it again",
+            dest.name,
+            offset,
+            expected_size,
+        )
+        discarded, digest, offset, tail = offset, hashlib.sha256(), 0, b""
     resumed_from = offset
     total = expected_size
     breaks = stalled = 0
-    last_report = 0.0
-    timeout = httpx.Timeout(connect=30, read=read_timeout, write=read_timeout, pool=30)
+    parts = urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    context = _context(ssl_context)
+    direct = DIRECT_IO and _fs_type(dest.parent) in DIRECT_FS
+    request_headers = {"User-Agent": "v2k", **(headers or {})}
+    writer: _Writer | None = None
+    watch = _Watch(
+        on_progress,
+        progress_interval,
+        lambda: writer.position if writer else offset,
+        deadline,
+        deadline_seconds,
+        dest.name,
+    )
 
-    with httpx.Client(verify=ssl_context, timeout=timeout, headers=headers or {}) as client:
+    def fail(reason: str, status: int | None = None) -> TransferError:
+        return TransferError(f"{dest.name}: {reason}", status)
+
+    try:
         while True:
-            if total is not None and offset == total:
-                break
+            watch.check()
             if total is not None and offset > total:
-                raise TransferError(
-                    f"{dest.name}: {offset} bytes on disk, more than the {total} expected"
-                )
-            request_headers = {"Range": f"bytes={offset}-"} if offset else {}
+                raise fail(f"{offset} bytes on disk, more than the {total} expected")
+            # Only the file found at the start is checked (a tail to compare).
+            start = offset - len(tail) if tail else offset
+            if total is not None and start == total:
+                break
+            watch.total = total
             progressed = False
+            connection = http.client.HTTPSConnection(
+                parts.hostname,
+                parts.port or 443,
+                timeout=min(CONNECT_TIMEOUT, read_timeout),
+                context=context,
+            )
             try:
-                with client.stream("GET", url, headers=request_headers) as response:
-                    if response.status_code == 416 and offset:
-                        # The file is already whole: the server has nothing past offset.
-                        total = total or offset
-                        break
-                    if response.status_code not in (200, 206):
-                        raise TransferError(
-                            f"{dest.name}: server answered {response.status_code} "
-                            f"{response.reason_phrase} for {_safe(url)}",
-                            status=response.status_code,
-                        )
-                    if offset and response.status_code == 200:
-                        # Range was ignored: start over rather than append a second copy.
-                        digest, offset = hashlib.sha256(), 0
-                    total = total or _total_from(response, offset)
-                    mode = "ab" if offset else "wb"
-                    with dest.open(mode) as out:
-                        writer = _Writer(out, digest, offset, dest.name)
-                        on_disk = offset
-                        pieces: list[bytes] = []
-                        pending = 0
-                        try:
-                            # The pieces as they come off the connection (a TLS record
-                            # each), handed to the writer about CHUNK bytes at a time.
-                            for piece in response.iter_raw():
-                                pieces.append(piece)
-                                pending += len(piece)
-                                now = time.monotonic()
-                                if deadline and now > deadline:
-                                    raise TimeoutError(
-                                        f"{dest.name}: deadline of {deadline_seconds:.0f} s "
-                                        f"passed at {offset + pending} bytes"
-                                    )
-                                if pending < CHUNK:
-                                    continue
-                                writer.put(pieces)
-                                offset += pending
-                                pieces, pending, progressed = [], 0, True
-                                if on_progress and now - last_report >= progress_interval:
-                                    last_report = now
-                                    on_progress(on_disk + writer.written, total)
-                        finally:
-                            # What came before a break is kept: a resume asks for the
-                            # rest only.
-                            if pieces:
-                                offset += pending
-                                progressed = True
-                            writer.close(pieces)
-                        out.flush()
-                        os.fsync(out.fileno())
+                try:
+                    connection.connect()
+                    connection.sock.settimeout(read_timeout)
+                    watch.sock = connection.sock
+                    connection.request(
+                        "GET",
+                        target,
+                        headers=request_headers | ({"Range": f"bytes={start}-"} if start else {}),
+                    )
+                    response = connection.getresponse()
+                except ssl.SSLCertVerificationError as exc:
+                    raise fail(f"TLS verification of {parts.hostname} failed: {exc}") from None
+                except (OSError, http.client.HTTPException) as exc:
+                    watch.check()
+                    raise _Broken(str(exc) or type(exc).__name__) from exc
+                if response.status == 416 and start:
+                    if tail:
+                        raise _Mismatch("the server has fewer bytes than the file")
+                    # The file is already whole: the server has nothing past offset.
+                    total = total or offset
+                    break
+                if response.status not in (200, 206):
+                    raise fail(
+                        f"server answered {response.status} {response.reason} for {_safe(url)}",
+                        response.status,
+                    )
+                if start and response.status == 200:
+                    if tail:
+                        raise _Mismatch("the server ignored the Range request")
+                    # Range was ignored: start over rather than append a second copy.
+                    digest, offset, start = hashlib.sha256(), 0, 0
+                elif start and _range_start(response) != start:
+                    raise fail(
+                        f"server answered the range from {_range_start(response)}, "
+                        f"asked for {start}"
+                    )
+                total = total or _total_from(response, start)
+                if tail:
+                    if total is not None and total - start < len(tail):
+                        raise _Mismatch("the server has fewer bytes than the file")
+                    if _read_exactly(response, len(tail)) != tail:
+                        raise _Mismatch(f"its last {len(tail)} bytes differ from the server's")
+                    tail = b""
+                    if offset == total:
+                        break  # the file on disk was whole
+                watch.total = total
+                with dest.open("ab" if offset else "wb", buffering=0) as out:
+                    writer = _Writer(out, digest, offset, dest.name, direct)
+                    try:
+                        _stream(response, writer, watch)
+                    finally:
+                        # Whatever was handed over is on disk now (or the writer failed).
+                        writer.close()
+                        progressed = writer.position > offset
+                        offset = writer.position
+                    os.fsync(out.fileno())
                 if total is None:
                     total = offset
-            except (httpx.TransportError, httpx.StreamError) as exc:
-                error = str(exc) or type(exc).__name__
-            else:
                 if offset == total:
                     continue
-                error = "the server closed the connection early"
+                raise _Broken("the server closed the connection early")
+            except _Mismatch as exc:
+                log.warning(
+                    "%s: the %d bytes on disk are not the server's (%s): downloading it again",
+                    dest.name,
+                    offset,
+                    exc,
+                )
+                discarded, resumed_from = offset, 0
+                digest, offset, tail = hashlib.sha256(), 0, b""
+                continue
+            except _Broken as exc:
+                error = str(exc)
+            finally:
+                connection.close()
             # A broken or short transfer: ask for the rest, unless it keeps failing.
             breaks += 1
             stalled = 0 if progressed else stalled + 1
             if stalled > max_resumes:
-                raise TransferError(
-                    f"{dest.name}: gave up after {max_resumes} broken connections "
-                    f"without progress at {offset} of {total or '?'} bytes: {error}"
+                raise fail(
+                    f"gave up after {max_resumes} broken connections without progress "
+                    f"at {offset} of {total or '?'} bytes: {error}"
                 )
             time.sleep(min(2**stalled * 0.1, 5))
+    finally:
+        watch.stop()
 
     if expected_size is not None and offset != expected_size:
-        raise TransferError(f"{dest.name}: got {offset} bytes, expected {expected_size}")
+        raise fail(f"got {offset} bytes, expected {expected_size}")
     if on_progress:
         on_progress(offset, total)
     return Downloaded(
@@ -271,7 +543,48 @@ def download(
         seconds=time.monotonic() - started,
         resumed_from=resumed_from,
         resumes=breaks,
+        discarded=discarded,
     )
+
+
+def _read_exactly(response: http.client.HTTPResponse, n: int) -> bytes:
+    """The next `n` bytes of the body; a break or an early end is `_Broken`."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    try:
+        while got < n and (m := response.readinto(view[got:])):
+            got += m
+    except (OSError, http.client.HTTPException) as exc:
+        raise _Broken(str(exc) or type(exc).__name__) from exc
+    if got < n:
+        raise _Broken("the server closed the connection early")
+    return bytes(buf)
+
+
+def _stream(response: http.client.HTTPResponse, writer: _Writer, watch: _Watch) -> None:
+    """Read the body into the writer's buffers until its end.
+
+    Raises `_Broken` when the connection fails (the buffers handed over before are kept),
+    or what `watch` stopped the download for.
+    """
+    while True:
+        buf = writer.buffer()
+        try:
+            # One call fills the whole buffer (the C read loop of the socket file) but at
+            # the end of the body.
+            n = response.readinto(buf)
+        except (OSError, http.client.HTTPException) as exc:
+            writer.give_back(buf)
+            watch.check()
+            raise _Broken(str(exc) or type(exc).__name__) from exc
+        if n:
+            writer.put(buf, n)
+        else:
+            writer.give_back(buf)
+        watch.check()
+        if not n:
+            return
 
 
 def _safe(url: str) -> str:

@@ -1,4 +1,5 @@
-"""The export subflow against the test bed's vCenter: the threads_on_ms cap as the server
+"""The export stage (run_export: the export-vm task and its download tasks) against the
+test bed's vCenter: the threads_on_ms cap as the server
 sees it, resume after a cut connection and after a failed try, the lease's end, and the
 OVF descriptor.
 
@@ -18,13 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prefect import flow
 from pyVmomi import vim, vmodl
 
 from blocks import MigrationSettings, StagePolicy
 from tasks import vcenter as vc
 from tasks.export import OVF_NAME, disk_file_name, run_export
 from tasks.models import ExportResult, VmSpec
-from tasks.transfer import TransferError
+from tasks.transfer import TAIL_CHECK, TransferError
 from testbed.bed import TestBed
 from testbed.images import sha256_file
 from testbed.vcsim import VcSim
@@ -133,9 +135,17 @@ def settings(threads: int, retries: int = 0) -> MigrationSettings:
     )
 
 
+@flow(name="test-export")
+def export_flow(
+    source_block: str, spec: VmSpec, directory: str, config: MigrationSettings, run_key: str
+) -> ExportResult:
+    return run_export(source_block, spec, Path(directory), config, run_key)
+
+
 def export(source: Source, directory: Path, config: MigrationSettings) -> ExportResult:
-    return run_export(
-        source.vcenter_block, source.spec, directory, config, f"test-{uuid.uuid4().hex[:8]}"
+    """run_export in a flow run, as migrate_vm calls it."""
+    return export_flow(
+        source.vcenter_block, source.spec, str(directory), config, f"test-{uuid.uuid4().hex[:8]}"
     )
 
 
@@ -232,7 +242,8 @@ def test_a_failed_try_is_retried_from_the_partial_file(
     stats = sim.stats()
     assert stats["nfc_status_faults"] == 1 and stats["nfc_broken"] == 1
     assert stats["nfc_requests"] == DISKS + 2 and stats["nfc_range_requests"] == 2
-    assert stats["nfc_bytes"] == sum(source.sizes)
+    # The retry asked again for the partial file's last TAIL_CHECK bytes, to compare them.
+    assert stats["nfc_bytes"] == sum(source.sizes) + TAIL_CHECK
     resumed = [d.resumed_from for d in result.disks]
     assert sorted(resumed) == [0] * (DISKS - 1) + [3 * MiB], resumed
     check_export(source, result, tmp_path)
@@ -279,3 +290,62 @@ def test_no_download_runs_against_the_aborted_lease(
     check_lease_ended(source, lease, "error")
     assert errors and "answered 500" in errors[0]
     assert not [e for e in errors if "404" in e], errors
+
+
+def _task_runs(flow_run_id, expected: int) -> list:
+    """The flow run's task runs, once the server has recorded `expected` of them (events)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            done = [r for r in runs if r.state and r.state.is_final()]
+            if len(done) >= expected or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)
+
+
+def test_the_export_is_a_task_of_the_flow_run_with_a_download_task_per_disk(
+    source: Source, lease: SeenLease, tmp_path: Path
+):
+    """No subflow (its end costs whole seconds in prefect 3.9): the export-vm task and
+    one download-disk task per disk, all in the caller's flow run, downloads under the
+    export task; each disk's progress artifact reaches 100 %."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    run_key = f"test-{uuid.uuid4().hex[:8]}"
+    state = export_flow(
+        source.vcenter_block, source.spec, str(tmp_path), settings(0), run_key, return_state=True
+    )
+    check_export(source, state.result(), tmp_path)
+    flow_run_id = state.state_details.flow_run_id
+    runs = _task_runs(flow_run_id, DISKS + 1)
+    by_name = {r.name: r for r in runs}
+    assert set(by_name) == {f"export-{VM}", *(f"download-disk-{i}" for i in range(DISKS))}
+    assert all(r.state.is_completed() for r in runs)
+    parent = by_name[f"export-{VM}"].id
+    for i in range(DISKS):
+        parents = by_name[f"download-disk-{i}"].task_inputs.get("__parents__", [])
+        assert [p.id for p in parents] == [parent]
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+        assert subflows == []
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    progress = {a.key: a.data for a in artifacts if a.type == "progress"}
+    assert progress == {f"{run_key}-disk-{i}": 100.0 for i in range(DISKS)}

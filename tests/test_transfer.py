@@ -1,16 +1,20 @@
 """tasks.transfer.download against the test bed's vCenter: exact bytes, resume with Range
-after a cut connection and from a partial file, and clear errors when it cannot finish.
+after a cut connection and from a partial file (checked against the server's bytes first),
+and clear errors when it cannot finish.
 
 The server's download counters (VcSim.stats) show what went over the wire."""
 
 from __future__ import annotations
 
+import logging
+import ssl
 from pathlib import Path
 
 import pytest
 from pyVmomi import vim
 
-from tasks.transfer import Downloaded, TransferError, download
+import tasks.transfer as transfer
+from tasks.transfer import TAIL_CHECK, Downloaded, TransferError, download
 from testbed.images import sha256_file
 from testbed.inventory import apply_inventory, parse_inventory
 from testbed.vcsim import VcSim
@@ -147,23 +151,94 @@ def test_a_partial_file_from_an_earlier_try_is_continued(
     dest.write_bytes(disk.data[:partial])
     got = fetch(sim, url, dest, expected_size=disk.size)
     assert got.resumed_from == partial
-    assert got.resumes == 0
+    assert got.resumes == 0 and got.discarded == 0
     assert got.bytes == disk.size
     # The hash covers the bytes that were already there too.
     assert got.sha256 == disk.sha256 == sha256_file(dest)
     stats = sim.stats()
     assert stats["nfc_requests"] == 1 and stats["nfc_range_requests"] == 1
-    assert stats["nfc_bytes"] == disk.size - partial
+    # The file's last TAIL_CHECK bytes came again, to be compared, then the rest.
+    assert stats["nfc_bytes"] == disk.size - partial + TAIL_CHECK
 
 
-def test_a_whole_file_on_disk_is_not_downloaded_again(
+def test_a_partial_file_whose_tail_differs_is_downloaded_again(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    dest = tmp_path / "disk-0.vmdk"
+    partial = 3 * MiB
+    stale = bytearray(disk.data[:partial])
+    stale[-100] ^= 0xFF  # one byte in the checked tail
+    dest.write_bytes(stale)
+    with caplog.at_level(logging.WARNING, logger="tasks.transfer"):
+        got = fetch(sim, url, dest, expected_size=disk.size)
+    assert (got.bytes, got.resumed_from, got.discarded) == (disk.size, 0, partial)
+    assert got.sha256 == disk.sha256 == sha256_file(dest)
+    assert f"the {partial} bytes on disk are not the server's" in caplog.text
+    assert "differ from the server's" in caplog.text
+    stats = sim.stats()
+    # The range to compare (dropped after its first TAIL_CHECK bytes; the server counts
+    # what it had pushed into the socket by then), then the whole disk from 0.
+    assert stats["nfc_requests"] == 2 and stats["nfc_range_requests"] == 1
+    assert stats["nfc_completed"] == 1
+    assert stats["nfc_bytes"] >= TAIL_CHECK + disk.size
+
+
+def test_a_partial_file_longer_than_the_disk_is_downloaded_again(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    dest = tmp_path / "disk-0.vmdk"
+    dest.write_bytes(disk.data + b"stale")
+    got = fetch(sim, url, dest, expected_size=disk.size)
+    assert (got.resumed_from, got.discarded) == (0, disk.size + 5)
+    assert got.sha256 == disk.sha256 == sha256_file(dest)
+    assert sim.stats()["nfc_range_requests"] == 0
+
+
+def test_a_partial_file_too_short_to_check_is_downloaded_again(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    dest = tmp_path / "disk-0.vmdk"
+    dest.write_bytes(disk.data[:1000])
+    got = fetch(sim, url, dest, expected_size=disk.size)
+    assert (got.resumed_from, got.discarded) == (0, 1000)
+    assert got.sha256 == disk.sha256 == sha256_file(dest)
+    stats = sim.stats()
+    assert stats["nfc_requests"] == 1 and stats["nfc_range_requests"] == 0
+
+
+def test_a_whole_file_on_disk_is_checked_and_not_downloaded_again(
     sim: VcSim, disk: Disk, url: str, tmp_path: Path
 ):
     dest = tmp_path / "disk-0.vmdk"
     dest.write_bytes(disk.data)
     got = fetch(sim, url, dest, expected_size=disk.size)
     assert (got.bytes, got.sha256, got.resumed_from) == (disk.size, disk.sha256, disk.size)
-    assert sim.stats()["nfc_requests"] == 0
+    stats = sim.stats()
+    # Only the tail, to compare.
+    assert stats["nfc_requests"] == 1 and stats["nfc_range_requests"] == 1
+    assert stats["nfc_bytes"] == TAIL_CHECK
+
+
+def test_a_whole_file_is_checked_without_an_expected_size(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    dest = tmp_path / "disk-0.vmdk"
+    dest.write_bytes(disk.data)
+    got = fetch(sim, url, dest)
+    assert (got.bytes, got.sha256, got.resumed_from) == (disk.size, disk.sha256, disk.size)
+    assert sim.stats()["nfc_bytes"] == TAIL_CHECK
+
+
+def test_a_cut_during_the_tail_check_checks_again(sim: VcSim, disk: Disk, url: str, tmp_path: Path):
+    dest = tmp_path / "disk-0.vmdk"
+    partial = 2 * MiB
+    dest.write_bytes(disk.data[:partial])
+    sim.fault(nfc_cut_after=TAIL_CHECK // 2, times=1)
+    got = fetch(sim, url, dest, expected_size=disk.size)
+    assert (got.resumed_from, got.resumes, got.discarded) == (partial, 1, 0)
+    assert got.sha256 == disk.sha256 == sha256_file(dest)
+    stats = sim.stats()
+    assert stats["nfc_requests"] == 2 and stats["nfc_range_requests"] == 2
 
 
 def test_a_server_that_keeps_breaking_the_connection_gives_transfer_error(
@@ -214,6 +289,51 @@ def test_a_404_url_gives_transfer_error_naming_the_status(sim: VcSim, tmp_path: 
     assert not dest.exists()
 
 
+def test_an_untrusted_certificate_fails_at_once_without_retries(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    dest = tmp_path / "disk-0.vmdk"
+    with pytest.raises(TransferError, match="TLS verification of .* failed"):
+        # The system CAs do not include the test bed's.
+        download(url, dest, ssl_context=ssl.create_default_context(), read_timeout=10)
+    assert sim.stats()["nfc_requests"] == 0
+    assert not dest.exists()
+
+
+def test_the_cookie_header_is_sent_and_never_in_an_error(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    sim.fault(nfc_status=503, times=1)
+    secret = 'vmware_soap_session="52c0ffee-secret"'
+    with pytest.raises(TransferError) as err:
+        fetch(sim, url, tmp_path / "disk-0.vmdk", headers={"Cookie": secret})
+    assert "secret" not in str(err.value) and "ticket" not in str(err.value)
+    got = fetch(sim, url, tmp_path / "disk-0.vmdk", headers={"Cookie": secret})
+    assert got.sha256 == disk.sha256
+
+
+def test_an_error_raised_by_the_progress_callback_stops_the_download(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    class Abort(Exception):
+        pass
+
+    def on_progress(done: int, total: int | None) -> None:
+        raise Abort(f"stop at {done}")
+
+    sim.fault(nfc_rate_kbps=4 * 1024, times=1)  # about 2 s
+    with pytest.raises(Abort):
+        fetch(
+            sim,
+            url,
+            tmp_path / "disk-0.vmdk",
+            expected_size=disk.size,
+            on_progress=on_progress,
+            progress_interval=0.2,
+        )
+    assert sim.stats()["nfc_bytes"] < disk.size
+
+
 def test_a_smaller_expected_size_gives_transfer_error(
     sim: VcSim, disk: Disk, url: str, tmp_path: Path
 ):
@@ -234,6 +354,37 @@ def test_the_deadline_stops_a_slow_download(sim: VcSim, disk: Disk, url: str, tm
     sim.fault(nfc_rate_kbps=1024, times=1)  # 8 MiB at 1 MiB/s: 8 s
     with pytest.raises(TimeoutError, match="deadline of 1 s passed"):
         fetch(sim, url, tmp_path / "disk-0.vmdk", deadline_seconds=1)
+
+
+def test_the_deadline_stops_a_download_stuck_in_a_slow_read(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    import time
+
+    # 8 KiB/s: one 1 MiB read would take two minutes; the watch thread ends it.
+    sim.fault(nfc_rate_kbps=8, times=1)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="deadline of 1 s passed"):
+        fetch(sim, url, tmp_path / "disk-0.vmdk", deadline_seconds=1, progress_interval=0.2)
+    assert time.monotonic() - started < 5
+
+
+def test_an_abort_stops_a_download_stuck_in_a_slow_read(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+):
+    import time
+
+    class Abort(Exception):
+        pass
+
+    def on_progress(done: int, total: int | None) -> None:
+        raise Abort
+
+    sim.fault(nfc_rate_kbps=8, times=1)
+    started = time.monotonic()
+    with pytest.raises(Abort):
+        fetch(sim, url, tmp_path / "disk-0.vmdk", on_progress=on_progress, progress_interval=0.2)
+    assert time.monotonic() - started < 5
 
 
 def test_the_rate_fault_throttles_and_counts_the_download_as_active(
@@ -263,3 +414,33 @@ def test_the_rate_fault_throttles_and_counts_the_download_as_active(
     assert 1 in seen
     stats = sim.stats()
     assert stats["nfc_active"] == 0 and stats["nfc_max_active"] == 1
+
+
+def test_the_file_system_type_comes_from_the_longest_mount_point(tmp_path: Path):
+    assert transfer._fs_type(Path("/proc/self")) == "proc"
+    assert transfer._fs_type(tmp_path) == transfer._fs_type(tmp_path / "missing" / "x")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o-direct", "page-cache"])
+def test_o_direct_on_a_local_file_system_and_the_page_cache_give_the_same_bytes(
+    sim: VcSim,
+    disk: Disk,
+    url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    direct: bool,
+):
+    if direct and transfer._fs_type(tmp_path) not in transfer.DIRECT_FS:
+        pytest.skip(f"{tmp_path} is on {transfer._fs_type(tmp_path)}: no O_DIRECT there")
+    monkeypatch.setattr(transfer, "DIRECT_IO", direct)
+    calls: list[bool] = []
+    real = transfer._set_direct
+    monkeypatch.setattr(transfer, "_set_direct", lambda fd, on: calls.append(on) or real(fd, on))
+    # A cut at an unaligned byte: the resume goes on through the page cache.
+    sim.fault(nfc_cut_after=3 * MiB + 100, times=1)
+    dest = tmp_path / "disk-0.vmdk"
+    got = fetch(sim, url, dest, expected_size=disk.size)
+    assert got.resumes == 1
+    assert got.sha256 == disk.sha256 == sha256_file(dest)
+    # O_DIRECT on for the first request; off at the cut's unaligned piece, never on again.
+    assert calls == ([True, False] if direct else [])
