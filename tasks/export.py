@@ -19,6 +19,7 @@ from prefect.futures import as_completed, wait
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.transactions import CommitMode, transaction
 from pydantic import SecretStr
 from pyVmomi import vim
 
@@ -242,7 +243,12 @@ def _export_with_lease(
             # tasks still belong to the caller's flow run, under this task.
             _tls[run_key] = vcenter.ssl_context()
             try:
-                with ThreadPoolTaskRunner(max_workers=threads) as runner:
+                # Each finished disk's result is stored at once (EAGER), not when this
+                # task ends: a worker that dies later must not take them with it.
+                with (
+                    transaction(commit_mode=CommitMode.EAGER),
+                    ThreadPoolTaskRunner(max_workers=threads) as runner,
+                ):
                     futures = runner.map(
                         capped,
                         {

@@ -6,7 +6,7 @@ inventory as before (no `v2k-clone-*`, the source VM unchanged, no export lease 
 ready), no run directory in the temporary storage, no new domain or volume in libvirt.
 
 Faults: the vCenter simulator restarted mid-download; the temporary storage filling up
-mid-download; libvirtd gone at import (the one real conversion of this file); virt-v2v
+mid-download; libvirtd gone at import (the import stage, given a converted disk); virt-v2v
 killed on the host; the run cancelled through the Prefect API mid-export (a real
 `prefect server start` and worker, the `served` fixture).
 """
@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import libvirt
 import pytest
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -37,10 +39,12 @@ from prefect.client.schemas.filters import (
 )
 from pyVmomi import vim, vmodl
 
-from blocks import KvmCluster, KvmHost, MigrationSettings, StagePolicy, TemporaryStorage
-from flows.migrate import migrate_vm
+from blocks import KvmHost, MigrationSettings, StagePolicy, TemporaryStorage
+from flows.migrate import import_task, migrate_vm
 from tasks import vcenter as vc
 from tasks.inventory import list_vms
+from tasks.models import ConvertedDisk, ConvertResult
+from tasks.transfer import TAIL_CHECK
 from testbed.testing import STOP_AFTER_EXPORT, request_for
 
 pytest_plugins = ["deployments.testing"]
@@ -109,7 +113,8 @@ def assert_nothing_left(bed, before: Snapshot, storage: Path | None = None) -> N
     assert after.domains == before.domains, f"domains left: {after.domains - before.domains}"
     assert after.volumes == before.volumes, f"volumes left: {after.volumes - before.volumes}"
     assert after.vms == before.vms, "the vCenter inventory changed"
-    assert after == before
+    # A lease of another test's killed worker may time out meanwhile (test_resume.py).
+    assert after == replace(before, export_leases=0)
 
 
 @pytest.fixture()
@@ -233,10 +238,11 @@ def test_vcenter_restart_mid_download_resumes_with_a_new_lease(bed, bed_blocks, 
     offset = int(resumed[0].split("resumed from ")[1].split()[0])
     assert MiB <= offset < size
     assert any("new export lease" in m for m in logs), logs
-    # The restarted simulator sent only the rest of the disk, asked for with Range.
+    # The restarted simulator sent only the rest of the disk, asked for with Range, and
+    # the tail of what was on disk again, to check it against the server's bytes.
     stats = clean_sim.stats()
     assert stats["nfc_range_requests"] >= 1
-    assert stats["nfc_bytes"] == size - offset
+    assert stats["nfc_bytes"] == size - offset + min(TAIL_CHECK, offset)
     # The first lease died with the old simulator; the second was completed.
     assert len(leases.morefs) == 2
     assert leases.states(bed) == ["gone", "done"]
@@ -408,10 +414,9 @@ def test_cancel_from_the_api_mid_export_removes_the_clone(bed, served, clean_sim
 # --- libvirtd down on the import host ----------------------------------------------------
 
 
-@pytest.mark.slow
 def test_libvirtd_down_at_import_fails_cleanly_after_its_retries(bed, bed_blocks, clean_sim):
-    """The one real conversion of this file (the Debian guest, 2-3 min of virt-v2v)."""
-    good = KvmHost.load(bed_blocks["kvm1"])
+    """The import stage as migrate-vm runs it (its task, its retry policy), given a
+    converted qcow2 made here: a real conversion would add 2-3 min of virt-v2v."""
     # The shared libvirtd must keep running: the import host's block points at a socket
     # nobody listens on, which is what the worker sees when libvirtd is down there.
     # (The hosts have no nc, so an ssh URI with socket= would fail on nc instead; and
@@ -420,38 +425,49 @@ def test_libvirtd_down_at_import_fails_cleanly_after_its_retries(bed, bed_blocks
     KvmHost.load(bed_blocks["kvm2"]).model_copy(
         update={"libvirt_uri": "qemu+unix:///system?socket=/run/v2k2-nothing/libvirt-sock"}
     ).save(down)
-    cluster = KvmCluster.load(bed_blocks["cluster"]).model_copy(
-        update={"hosts": [bed_blocks["kvm1"], down]}
+    settings = MigrationSettings.load(
+        _settings(kvm_import=StagePolicy(retries=1, retry_delay_seconds=1, timeout_seconds=60))
     )
-    cluster_name = f"cluster-{down}"
-    cluster.save(cluster_name)
-    assert good.libvirt_uri  # the convert host and cleanup still reach libvirt on kvm1
+    request = request_for(bed_blocks, "debian-stopped", import_host=down)
+    with bed.vcsim.connect() as si:
+        spec = vc.read_spec(si, vc.find_vm(si, vc.datacenter(si, None), "debian-stopped"))
     before = snapshot(bed)
-    settings = _settings(
-        kvm_import=StagePolicy(retries=1, retry_delay_seconds=1, timeout_seconds=600)
+    out = Path(bed.scratch) / f"v2k-{uuid.uuid4().hex[:12]}" / "out"
+    out.mkdir(parents=True)
+    qcow2 = out / "debian-stopped-sda"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "16M"], check=True)
+    converted = ConvertResult(
+        output_dir=str(out),
+        disks=[ConvertedDisk(path=str(qcow2), virtual_size=16 << 20, actual_size=0)],
+        domain_xml="<domain type='kvm'><name>debian-stopped</name></domain>",
+        osinfo=None,
+        host=bed_blocks["kvm1"],
+        seconds=0,
     )
-    request = request_for(
-        bed_blocks,
-        "debian-stopped",
-        cluster=cluster_name,
-        settings=settings,
-        convert_host=bed_blocks["kvm1"],
-        import_host=down,
-    )
-    state = migrate_vm(request, return_state=True)
 
-    assert state.is_failed()
-    message = str(state.message)
-    assert down in message and "libvirt" in message, message
-    assert "/run/v2k2-nothing/libvirt-sock" in message, message
-    with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
+    @flow
+    def import_only():
+        staged = import_task.with_options(
+            retries=settings.kvm_import.retries,
+            retry_delay_seconds=settings.kvm_import.retry_delay_seconds,
         )
-    by_name = {t.name.rsplit("-", 1)[0]: t for t in tasks}
-    assert by_name["convert"].state.is_completed()  # the converted disks were there
-    assert by_name["import"].state.is_failed()
-    assert by_name["import"].run_count == 2  # tried, then retried once as the policy says
+        return staged(request, spec, converted, down, "debian-down", "libvirt-down")
+
+    try:
+        state = import_only(return_state=True)
+        assert state.is_failed()
+        message = str(state.message)
+        assert down in message and "libvirt" in message, message
+        assert "/run/v2k2-nothing/libvirt-sock" in message, message
+        assert "is libvirtd running there?" in message, message
+        with get_client(sync_client=True) as client:
+            (run,) = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+                )
+            )
+        assert run.state.is_failed()
+        assert run.run_count == 2  # tried, then retried once as the policy says
+    finally:
+        shutil.rmtree(out.parent)
     assert_nothing_left(bed, before)

@@ -12,14 +12,14 @@ import libvirt
 import pytest
 from prefect.client.orchestration import get_client
 
-from blocks import KvmCluster, KvmHost, TemporaryStorage
+from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
 from tasks.hosts import HostSelectionError
 from tasks.inventory import list_vms
 from tasks.preflight import PreflightError
 from tasks.vcenter import SourceError
-from testbed.testing import request_for
+from testbed.testing import STOP_AFTER_EXPORT, request_for
 
 DUMMY_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>
 <os><type arch='x86_64'>hvm</type></os><devices>
@@ -83,11 +83,19 @@ def test_running_windows_refused(bed_blocks, unchanged):
         migrate_vm(request_for(bed_blocks, "win2019-running"))
 
 
-def test_running_linux_exports_a_clone_that_is_removed_after_a_failure(bed_blocks, unchanged):
-    # The clone is exported (the source keeps running, untouched); virt-v2v then fails on
-    # the synthetic disk, and the clone is gone afterwards (checked by `unchanged`).
-    with pytest.raises(Exception, match="virt-v2v exited 1"):
-        migrate_vm(request_for(bed_blocks, "debian-running"))
+@pytest.fixture(scope="module")
+def stop_after_export(bed_blocks) -> str:
+    """Settings whose runs stop, failing, right after the export (virt-v2v gets 2 s)."""
+    return _save(MigrationSettings(force_ms_export=True, convert_timeout=STOP_AFTER_EXPORT), "stop")
+
+
+def test_running_linux_exports_a_clone_that_is_removed_after_a_failure(
+    bed_blocks, unchanged, stop_after_export
+):
+    # The clone is exported (the source keeps running, untouched); the conversion then
+    # fails, and the clone is gone afterwards (checked by `unchanged`).
+    with pytest.raises(Exception, match="convert_timeout"):
+        migrate_vm(request_for(bed_blocks, "debian-running", settings=stop_after_export))
 
 
 def test_windows_needs_virtio_win_on_the_convert_host(bed, bed_blocks, tmp_path):
@@ -155,7 +163,7 @@ def test_temporary_space_refused(bed, bed_blocks, unchanged):
         migrate_vm(request_for(bed_blocks, "win2019-stopped", temporary_storage=name))
 
 
-def test_named_host_must_exist_and_be_able(bed, bed_blocks, unchanged):
+def test_named_host_must_exist_and_be_able(bed, bed_blocks, unchanged, stop_after_export):
     with pytest.raises(HostSelectionError, match="'nope' is not a host of the cluster"):
         migrate_vm(request_for(bed_blocks, "win2019-stopped", convert_host="nope"))
 
@@ -170,6 +178,26 @@ def test_named_host_must_exist_and_be_able(bed, bed_blocks, unchanged):
     )
     with pytest.raises(HostSelectionError, match="no host of the cluster can convert.*unreachable"):
         migrate_vm(request_for(bed_blocks, "win2019-stopped", cluster=name))
+
+    # A host that cannot be reached is passed over: the live one does the work (the run
+    # then stops, on purpose, right after the export).
+    both = _save(
+        KvmCluster(
+            hosts=[dead, bed_blocks["kvm1"]],
+            storage_pool=cluster.storage_pool,
+            network_map=cluster.network_map,
+        ),
+        "halfdead",
+    )
+    state = migrate_vm(
+        request_for(bed_blocks, "Prod/Web/web server 01", cluster=both, settings=stop_after_export),
+        return_state=True,
+    )
+    assert state.is_failed() and "convert_timeout" in str(state.message), state.message
+    with pytest.raises(HostSelectionError, match=f"{dead}.*unreachable"):
+        migrate_vm(
+            request_for(bed_blocks, "Prod/Web/web server 01", cluster=both, convert_host=dead)
+        )
 
 
 def test_failed_conversion_leaves_nothing(bed_blocks, unchanged):

@@ -4,8 +4,8 @@ The real thing: a `prefect server start` and a process worker; the worker, and t
 run it started, are killed with SIGKILL in the middle of a disk download; `v2k resume`
 schedules the same flow run again and a new worker takes it. The finished disk is not
 downloaded again (its task is Cached, the simulator serves no byte of it), the partial
-disk goes on from the bytes on disk with a Range request. The VM's disks are synthetic,
-so virt-v2v then fails its inspection, and the failure cleans up as always.
+disk goes on from the bytes on disk with a Range request. The run then stops, failing,
+right after the export (virt-v2v gets 2 s), and the failure cleans up as always.
 """
 
 from __future__ import annotations
@@ -135,9 +135,9 @@ def server(bed, tmp_path_factory):
 
             names = bed.save_blocks("bed")
             # One disk at a time, exported by the worker (the NFC download is resumable).
-            MigrationSettings(force_ms_export=True, threads_on_ms=1).save(
-                "resume-settings", overwrite=True
-            )
+            MigrationSettings(
+                force_ms_export=True, threads_on_ms=1, convert_timeout=STOP_AFTER_EXPORT
+            ).save("resume-settings", overwrite=True)
         names["settings"] = "resume-settings"
         server.blocks = names
         yield server
@@ -251,7 +251,7 @@ def test_a_killed_worker_resumes_the_same_run_without_downloading_again(server, 
     server.start_worker("resume-worker-2")
     run = _wait_for_final(server, run_id, 600)
 
-    # Synthetic disks: virt-v2v's inspection fails after the export, as expected here.
+    # The run stops, failing, right after the export (virt-v2v gets 2 s).
     assert run["state_type"] == "FAILED", run["state"]
     assert run["run_count"] >= 2
     stats = bed.vcsim.stats()
