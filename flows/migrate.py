@@ -30,7 +30,7 @@ from blocks.vcenter import VCenterError
 from tasks import events, kvm, resume
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree, remove_tree_on_host
-from tasks.convert import convert_vm
+from tasks.convert import ConvertRefused, convert_vm
 from tasks.export import run_export
 from tasks.guestos import choose_osinfo
 from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
@@ -64,6 +64,7 @@ from tasks.vcenter import SourceError
 
 # Errors a retry cannot fix: the user has to change something first.
 USER_ERRORS = (
+    ConvertRefused,
     PreflightError,
     BlockNotFound,
     SourceError,

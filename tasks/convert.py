@@ -35,6 +35,11 @@ class ConvertError(RuntimeError):
     """virt-v2v failed, timed out, or produced something other than what the source had."""
 
 
+class ConvertRefused(ConvertError):
+    """virt-v2v refused the guest (its own error), or used up `convert_timeout`: the same
+    input fails the same way again, so the stage is not retried."""
+
+
 def step_percent(message: str) -> int | None:
     """Rough overall percent for a virt-v2v step message, None when it is not a step."""
     for index, step in enumerate(STEPS):
@@ -170,7 +175,7 @@ def run_virt_v2v(
     elapsed = time.monotonic() - started
     # 137 is also what a virt-v2v killed on the host gives: the time tells them apart.
     if result.exited == 124 or (result.exited == 137 and elapsed >= timeout_seconds):
-        raise ConvertError(
+        raise ConvertRefused(
             f"virt-v2v did not finish in {timeout_seconds:.0f} s (convert_timeout) and was "
             "killed with its children" + _log_tail(conn, log_file)
         )
@@ -182,7 +187,9 @@ def run_virt_v2v(
         )
     if result.exited != 0:
         detail = "; ".join(errors) if errors else "no error event"
-        raise ConvertError(f"virt-v2v exited {result.exited}: {detail}" + _log_tail(conn, log_file))
+        # With its own error lines virt-v2v said what it refused; without, it is unknown.
+        error = ConvertRefused if errors else ConvertError
+        raise error(f"virt-v2v exited {result.exited}: {detail}" + _log_tail(conn, log_file))
     return Converted(seconds=time.monotonic() - started, events=sink.events, warnings=warnings)
 
 
