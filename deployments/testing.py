@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,17 +63,25 @@ class Served:
 
     def wait_for_run(self, flow_run_id: str, timeout: float = 300) -> dict:
         """Poll the flow run until it is in a final state; its JSON."""
-        deadline = time.monotonic() + timeout
-        while True:
-            run = httpx.get(f"{self.api}/flow_runs/{flow_run_id}", timeout=10).json()
-            if run["state_type"] in FINAL:
-                return run
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"flow run {flow_run_id} still {run['state_type']} after {timeout:.0f} s; "
-                    f"worker log:\n{self.log_tail()}"
-                )
-            time.sleep(1)
+        return wait_for_run(self.api, flow_run_id, timeout, self.log_tail)
+
+
+def wait_for_run(
+    api: str, flow_run_id: str, timeout: float = 300, log_tail: Callable[[], str] = str
+) -> dict:
+    """Poll a flow run through the REST API at `api` until it is in a final state; its
+    JSON. On timeout the error carries `log_tail()` (a worker's log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
+        if run["state_type"] in FINAL:
+            return run
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"flow run {flow_run_id} still {run['state_type']} after {timeout:.0f} s; "
+                f"worker log:\n{log_tail()}"
+            )
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")

@@ -90,8 +90,10 @@ def _staged(fn, settings: MigrationSettings, stage: str):
 
 @task(name="preflight", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
 def preflight_task(request: MigrationRequest) -> Preflight:
-    # On a retry, domains this flow run defined are its own, not a name conflict.
-    checked = preflight(request, flow_run_id=str(flow_run.get_id() or ""))
+    # On a retry, domains this flow run defined are its own, not a name conflict; a first
+    # try has none, and skips reading every domain's XML on every host.
+    retried = flow_run.run_count > 1
+    checked = preflight(request, flow_run_id=str(flow_run.get_id()) if retried else None)
     logger = get_run_logger()
     for warning in checked.warnings:
         logger.warning(warning)
@@ -467,14 +469,21 @@ def _inline_block_name(run_id: str) -> str:
     return f"v2k-inline-{run_id}"
 
 
+def _by_block_name(request: MigrationRequest, run_id: str) -> MigrationRequest:
+    """The request with an inline source replaced by the name of the run's transient block."""
+    if request.vcenter_inline is None:
+        return request
+    return request.model_copy(
+        update={"vcenter": _inline_block_name(run_id), "vcenter_inline": None}
+    )
+
+
 def _with_saved_source(request: MigrationRequest, run_id: str) -> MigrationRequest:
     """An inline source becomes a transient VCenter block for this run only, so the tasks
     refer to it by name like any other; cleanup_run deletes it."""
-    if request.vcenter_inline is None:
-        return request
-    name = _inline_block_name(run_id)
-    request.vcenter_inline.to_block().save(name, overwrite=True)
-    return request.model_copy(update={"vcenter": name, "vcenter_inline": None})
+    if request.vcenter_inline is not None:
+        request.vcenter_inline.to_block().save(_inline_block_name(run_id), overwrite=True)
+    return _by_block_name(request, run_id)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -488,12 +497,10 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 def cleanup_flow_run(flow_run: FlowRun, logger: logging.Logger | None = None) -> None:
     """Everything `cleanup_run` removes after a failure, for a migrate-vm flow run read
     from the API: the cancellation hook, and `v2k cleanup` after a crash."""
-    request = MigrationRequest.model_validate(flow_run.parameters["request"])
     run_id = _run_id(str(flow_run.id))
-    if request.vcenter_inline is not None:
-        request = request.model_copy(
-            update={"vcenter": _inline_block_name(run_id), "vcenter_inline": None}
-        )
+    request = _by_block_name(
+        MigrationRequest.model_validate(flow_run.parameters["request"]), run_id
+    )
     cleanup_run(request, run_id, str(flow_run.id), failed=True, logger=logger)
 
 

@@ -23,6 +23,7 @@ import pytest
 from prefect import flow, task
 
 from deployments.serve import LocalPrefect
+from deployments.testing import wait_for_run
 from flows.migrate import migrate_vm
 from tasks import resume
 from tasks import vcenter as vc
@@ -249,7 +250,7 @@ def test_a_killed_worker_resumes_the_same_run_without_downloading_again(server, 
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     server.start_worker("resume-worker-2")
-    run = _wait_for_final(server, run_id, 600)
+    run = wait_for_run(server.api_url, run_id, 600, lambda: server.log_tail("resume-worker-2.log"))
 
     # The run stops, failing, right after the export (virt-v2v gets 2 s).
     assert run["state_type"] == "FAILED", run["state"]
@@ -267,14 +268,3 @@ def test_a_killed_worker_resumes_the_same_run_without_downloading_again(server, 
     assert not export.parent.exists()
     with server.settings():
         assert resume.Variable.get(f"v2k-resume-{run_id.replace('-', '')[:12]}") is None
-
-
-def _wait_for_final(server: LocalPrefect, flow_run_id: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = httpx.get(f"{server.api_url}/flow_runs/{flow_run_id}", timeout=10).json()
-        if run["state_type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
-            return run
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{flow_run_id} still {run['state_type']}")
-        time.sleep(1)
