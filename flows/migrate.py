@@ -14,7 +14,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
 from prefect.logging.loggers import flow_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 from pydantic import ValidationError
 
 from blocks import (
@@ -248,9 +248,10 @@ def import_task(
     run_key: str,
     resume_token: str | None = None,
 ) -> ImportResult:
+    logger = get_run_logger()
     if flow_run.run_count > 1:
         # A retried run: an import that did not finish (the worker died in it) goes first.
-        _remove_run_domains(request, str(flow_run.get_id() or ""), get_run_logger())
+        _remove_run_domains(request, str(flow_run.get_id() or ""), logger)
     cluster = KvmCluster.load(request.cluster)
     storage = TemporaryStorage.load(request.temporary_storage)
     host = KvmHost.load(host_name)
@@ -269,6 +270,10 @@ def import_task(
             f"import host {host_name}: {exc} (is libvirtd running there?)"
         ) from None
     try:
+        if flow_run.run_count > 1 or task_run.run_count > 1:
+            # An earlier try may have made a volume and failed before it could delete it.
+            for leftover in kvm.remove_leftover_volumes(conn, target, pools):
+                logger.warning("removed %s, left by an earlier try of this import", leftover)
         with host.get_connection() as host_conn:
             dom, volumes, dom_type = kvm.import_disks_and_define(
                 conn,
@@ -305,7 +310,7 @@ def import_task(
         )
     finally:
         conn.close()
-    get_run_logger().info(
+    logger.info(
         "defined %s (%s, %s) with %d volume(s), osinfo %s",
         result.domain_name,
         result.domain_uuid,

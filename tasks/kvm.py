@@ -133,6 +133,48 @@ def volume_exists(pool: libvirt.virStoragePool, name: str) -> bool:
     return True
 
 
+def volume_name(target: str, index: int) -> str:
+    """The pool volume that disk `index` of the migrated VM `target` becomes."""
+    return f"{target}-disk{index}.qcow2"
+
+
+def target_volumes(
+    conn: libvirt.virConnect, target: str, pools: list[str]
+) -> list[tuple[str, str]]:
+    """(pool, volume) of `target`'s disks (one pool per disk) that already exist."""
+    found = []
+    for index, pool_name in enumerate(pools):
+        try:
+            pool = conn.storagePoolLookupByName(pool_name)
+        except libvirt.libvirtError:
+            continue  # a missing pool is reported on its own
+        if volume_exists(pool, volume_name(target, index)):
+            found.append((pool_name, volume_name(target, index)))
+    return found
+
+
+def attached_volumes(conn: libvirt.virConnect) -> set[tuple[str, str]]:
+    """(pool, volume) of every disk of every domain on the host."""
+    used = set()
+    for dom in conn.listAllDomains():
+        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        for source in root.iterfind("devices/disk[@type='volume']/source"):
+            used.add((source.get("pool"), source.get("volume")))
+    return used
+
+
+def remove_leftover_volumes(conn: libvirt.virConnect, target: str, pools: list[str]) -> list[str]:
+    """Remove `target`'s disk volumes that no domain uses; return them as `pool/volume`.
+
+    For a retried import: preflight refused the run if these names were taken before it
+    started, so an unattached volume of that name is what an earlier try of this run left
+    (its libvirt call failed after the volume was made, or its worker died).
+    """
+    leftovers = [v for v in target_volumes(conn, target, pools) if v not in attached_volumes(conn)]
+    remove_volumes(conn, leftovers)
+    return [f"{pool}/{vol}" for pool, vol in leftovers]
+
+
 def upload_volume(
     conn: libvirt.virConnect,
     pool: libvirt.virStoragePool,
@@ -550,7 +592,7 @@ def import_disks_and_define(
     try:
         for index, ((path, virtual_size), pool_name) in enumerate(zip(sources, pools, strict=True)):
             pool = lookup_pool(conn, pool_name)
-            vol_name = f"{target}-disk{index}.qcow2"
+            vol_name = volume_name(target, index)
             if volume_exists(pool, vol_name):
                 raise KvmImportError(
                     f"volume {vol_name!r} already exists in pool {pool_name!r}: remove it or "

@@ -41,9 +41,10 @@ from pyVmomi import vim, vmodl
 
 from blocks import KvmHost, MigrationSettings, StagePolicy, TemporaryStorage
 from flows.migrate import import_task, migrate_vm
+from tasks import kvm
 from tasks import vcenter as vc
 from tasks.inventory import list_vms
-from tasks.models import ConvertedDisk, ConvertResult
+from tasks.models import ConvertedDisk, ConvertResult, VmSpec
 from tasks.transfer import TAIL_CHECK
 from testbed.testing import STOP_AFTER_EXPORT, request_for
 
@@ -411,7 +412,49 @@ def test_cancel_from_the_api_mid_export_removes_the_clone(bed, served, clean_sim
     assert "error was encountered while running hook" not in worker, worker[-3000:]
 
 
-# --- libvirtd down on the import host ----------------------------------------------------
+# --- the import stage: libvirtd down, an earlier try's leftover ----------------------------
+
+
+def _converted(bed, bed_blocks) -> tuple[VmSpec, ConvertResult]:
+    """debian-stopped's spec and a 16 MiB qcow2 standing for its conversion, in the
+    bed's temporary storage: the import stage's input without 2-3 min of virt-v2v."""
+    with bed.vcsim.connect() as si:
+        spec = vc.read_spec(si, vc.find_vm(si, vc.datacenter(si, None), "debian-stopped"))
+    out = Path(bed.scratch) / f"v2k-{uuid.uuid4().hex[:12]}" / "out"
+    out.mkdir(parents=True)
+    qcow2 = out / "debian-stopped-sda"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "16M"], check=True)
+    return spec, ConvertResult(
+        output_dir=str(out),
+        disks=[ConvertedDisk(path=str(qcow2), virtual_size=16 << 20, actual_size=0)],
+        domain_xml="<domain type='kvm'><name>debian-stopped</name></domain>",
+        osinfo=None,
+        host=bed_blocks["kvm1"],
+        seconds=0,
+    )
+
+
+def _import_only(settings, request, spec, converted, host: str, target: str):
+    """The import task in a flow of its own, with the stage's retry policy; its state."""
+
+    @flow
+    def import_only():
+        staged = import_task.with_options(
+            retries=settings.kvm_import.retries,
+            retry_delay_seconds=settings.kvm_import.retry_delay_seconds,
+        )
+        return staged(request, spec, converted, host, target, f"import-{target}")
+
+    return import_only(return_state=True)
+
+
+def _task_runs(state) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
 
 
 def test_libvirtd_down_at_import_fails_cleanly_after_its_retries(bed, bed_blocks, clean_sim):
@@ -429,45 +472,59 @@ def test_libvirtd_down_at_import_fails_cleanly_after_its_retries(bed, bed_blocks
         _settings(kvm_import=StagePolicy(retries=1, retry_delay_seconds=1, timeout_seconds=60))
     )
     request = request_for(bed_blocks, "debian-stopped", import_host=down)
-    with bed.vcsim.connect() as si:
-        spec = vc.read_spec(si, vc.find_vm(si, vc.datacenter(si, None), "debian-stopped"))
     before = snapshot(bed)
-    out = Path(bed.scratch) / f"v2k-{uuid.uuid4().hex[:12]}" / "out"
-    out.mkdir(parents=True)
-    qcow2 = out / "debian-stopped-sda"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "16M"], check=True)
-    converted = ConvertResult(
-        output_dir=str(out),
-        disks=[ConvertedDisk(path=str(qcow2), virtual_size=16 << 20, actual_size=0)],
-        domain_xml="<domain type='kvm'><name>debian-stopped</name></domain>",
-        osinfo=None,
-        host=bed_blocks["kvm1"],
-        seconds=0,
-    )
-
-    @flow
-    def import_only():
-        staged = import_task.with_options(
-            retries=settings.kvm_import.retries,
-            retry_delay_seconds=settings.kvm_import.retry_delay_seconds,
-        )
-        return staged(request, spec, converted, down, "debian-down", "libvirt-down")
-
+    spec, converted = _converted(bed, bed_blocks)
     try:
-        state = import_only(return_state=True)
+        state = _import_only(settings, request, spec, converted, down, "debian-down")
         assert state.is_failed()
         message = str(state.message)
         assert down in message and "libvirt" in message, message
         assert "/run/v2k2-nothing/libvirt-sock" in message, message
         assert "is libvirtd running there?" in message, message
-        with get_client(sync_client=True) as client:
-            (run,) = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-                )
-            )
+        (run,) = _task_runs(state)
         assert run.state.is_failed()
         assert run.run_count == 2  # tried, then retried once as the policy says
     finally:
-        shutil.rmtree(out.parent)
+        shutil.rmtree(Path(converted.output_dir).parent)
+    assert_nothing_left(bed, before)
+
+
+def test_a_retried_import_removes_the_volume_its_failed_try_left(
+    bed, bed_blocks, clean_sim, monkeypatch, caplog
+):
+    """A first try whose libvirt call fails after the volume is made (as when the
+    connection breaks mid-upload and the delete cannot reach libvirtd either): the retry
+    removes that volume instead of failing on "already exists"."""
+    settings = MigrationSettings.load(
+        _settings(kvm_import=StagePolicy(retries=1, retry_delay_seconds=0, timeout_seconds=60))
+    )
+    real_upload = kvm.upload_volume
+    tries = []
+
+    def upload_then_break(conn, pool, name, *args, **kwargs):
+        tries.append(name)
+        vol = real_upload(conn, pool, name, *args, **kwargs)
+        if len(tries) == 1:
+            raise libvirt.libvirtError("injected: the connection broke after the upload")
+        return vol
+
+    monkeypatch.setattr(kvm, "upload_volume", upload_then_break)
+    before = snapshot(bed)
+    spec, converted = _converted(bed, bed_blocks)
+    target = f"v2k-retried-{uuid.uuid4().hex[:6]}"
+    conn = bed.libvirtd.conn
+    try:
+        request = request_for(bed_blocks, "debian-stopped", import_host=bed_blocks["kvm1"])
+        state = _import_only(settings, request, spec, converted, bed_blocks["kvm1"], target)
+        assert state.is_completed(), state.message
+        assert tries == [kvm.volume_name(target, 0)] * 2
+        (run,) = _task_runs(state)
+        assert run.run_count == 2
+        assert f"removed {bed.libvirtd.pool}/{kvm.volume_name(target, 0)}, left by an earlier" in (
+            caplog.text
+        )
+        assert kvm.domain_exists(conn, target)
+    finally:
+        kvm.remove_domain_and_volumes(conn, target)
+        shutil.rmtree(Path(converted.output_dir).parent)
     assert_nothing_left(bed, before)

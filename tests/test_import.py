@@ -122,3 +122,34 @@ def test_a_failed_import_removes_the_volumes_it_made(bed, bed_blocks, tmp_path):
         assert not kvm.domain_exists(conn, "v2k-import-fail")
     finally:
         conn.close()
+
+
+def test_leftover_volumes_are_removed_but_not_one_a_domain_uses(bed, bed_blocks):
+    conn = bed.libvirtd.conn
+    pool = conn.storagePoolLookupByName(bed.libvirtd.pool)
+    made = [
+        pool.createXML(
+            f"<volume><name>{kvm.volume_name('v2k-leftover', i)}</name>"
+            "<capacity>1048576</capacity><target><format type='qcow2'/></target></volume>",
+            0,
+        )
+        for i in range(2)
+    ]
+    # Another domain holds disk1 (its owner chose that name by hand): it stays.
+    holder = conn.defineXML(
+        "<domain type='qemu'><name>v2k-leftover-holder</name><memory unit='MiB'>32</memory>"
+        "<os><type arch='x86_64'>hvm</type></os><devices><disk type='volume' device='disk'>"
+        f"<source pool='{bed.libvirtd.pool}' volume='{kvm.volume_name('v2k-leftover', 1)}'/>"
+        "<target dev='vda' bus='virtio'/></disk></devices></domain>"
+    )
+    try:
+        pools = [bed.libvirtd.pool] * 3  # a third disk that was never made
+        removed = kvm.remove_leftover_volumes(conn, "v2k-leftover", pools)
+        assert removed == [f"{bed.libvirtd.pool}/v2k-leftover-disk0.qcow2"]
+        assert kvm.target_volumes(conn, "v2k-leftover", pools) == [
+            (bed.libvirtd.pool, "v2k-leftover-disk1.qcow2")
+        ]
+    finally:
+        holder.undefine()
+        for vol in made[1:]:
+            vol.delete(0)

@@ -145,6 +145,18 @@ def test_target_name_taken_refused(bed_blocks, unchanged, dummy_domain):
         migrate_vm(request_for(bed_blocks, "win2019-stopped", target_name=taken))
 
 
+def test_target_volume_taken_refused(bed, bed_blocks, unchanged):
+    pool = bed.libvirtd.conn.storagePoolLookupByName(bed.libvirtd.pool)
+    vol = pool.createXML(
+        "<volume><name>taken-vol-disk0.qcow2</name><capacity>1048576</capacity></volume>", 0
+    )
+    try:
+        with pytest.raises(PreflightError, match="volume 'taken-vol-disk0.qcow2' is already in"):
+            migrate_vm(request_for(bed_blocks, "win2019-stopped", target_name="taken-vol"))
+    finally:
+        vol.delete(0)
+
+
 def test_mac_in_use_refused(bed_blocks, unchanged, dummy_domain):
     dummy_domain("mac-holder", mac="00:50:56:01:00:04")
     with pytest.raises(PreflightError, match="MAC 00:50:56:01:00:04.*'mac-holder'"):
