@@ -1,9 +1,10 @@
 """Faults injected into a migration against the real test bed, one per test.
 
 Each test breaks one thing while a run is under way, then checks what the run did and
-that nothing is left behind (`snapshot` before, `assert_nothing_left` after): the vCenter
-inventory as before (no `v2k-clone-*`, the source VM unchanged, no export lease still
-ready), no run directory in the temporary storage, no new domain or volume in libvirt.
+that nothing is left behind (`testbed.testing.snapshot` before, `assert_nothing_left`
+after): the vCenter inventory as before (no `v2k-clone-*`, the source VM unchanged, no
+export lease still ready), no run directory in the temporary storage, no new domain or
+volume in libvirt.
 
 Faults: the vCenter simulator restarted mid-download; the temporary storage filling up
 mid-download; libvirtd gone at import (the import stage, given a converted disk); virt-v2v
@@ -22,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,10 +44,9 @@ from blocks import KvmHost, MigrationSettings, StagePolicy, TemporaryStorage
 from flows.migrate import import_task, migrate_vm
 from tasks import kvm
 from tasks import vcenter as vc
-from tasks.inventory import list_vms
 from tasks.models import ConvertedDisk, ConvertResult, VmSpec
 from tasks.transfer import TAIL_CHECK
-from testbed.testing import STOP_AFTER_EXPORT, request_for
+from testbed.testing import STOP_AFTER_EXPORT, assert_nothing_left, request_for, snapshot
 
 pytest_plugins = ["deployments.testing"]
 
@@ -56,66 +56,6 @@ SLOW_KBPS = 512  # the disk's file then takes about 8 s to download
 
 
 # --- what a run may leave behind ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What a run could leave behind, at one moment."""
-
-    vms: frozenset[str]  # every VM of the datacenter, its inventory summary as JSON
-    clones: frozenset[str]  # VMs named v2k-clone-*
-    export_leases: int  # export leases the simulator still holds ready
-    storage: frozenset[str]  # every path below the temporary storage
-    domains: frozenset[str]  # domains on the bed's pool or networks
-    volumes: frozenset[str]  # volumes of the bed's pool
-
-
-def _bed_domains(bed) -> frozenset[str]:
-    # libvirtd is shared with other test beds: only domains that use this bed's pool or
-    # networks can come from a run of this one.
-    marks = [str(bed.libvirtd.pool_path), *(f"'{n}'" for n in bed.libvirtd.networks)]
-    found = set()
-    for dom in bed.libvirtd.conn.listAllDomains():
-        with contextlib.suppress(libvirt.libvirtError):  # undefined meanwhile
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            if any(mark in xml for mark in marks):
-                found.add(dom.name())
-    return frozenset(found)
-
-
-def snapshot(bed, storage: Path | None = None) -> Snapshot:
-    """The vCenter VM list and leases, the temporary storage and the bed's libvirt objects.
-
-    Args:
-        bed: The session's TestBed.
-        storage: The temporary storage the run uses; default the bed's scratch directory.
-    """
-    storage = Path(storage or bed.scratch)
-    with bed.vcsim.connect() as si:
-        vms = list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
-    pool = bed.libvirtd.conn.storagePoolLookupByName(bed.libvirtd.pool)
-    pool.refresh()
-    return Snapshot(
-        vms=frozenset(v.model_dump_json() for v in vms),
-        clones=frozenset(v.name for v in vms if v.name.startswith("v2k-clone-")),
-        export_leases=bed.vcsim.stats()["export_leases"],
-        storage=frozenset(str(p) for p in storage.rglob("*")),
-        domains=_bed_domains(bed),
-        volumes=frozenset(pool.listVolumes()),
-    )
-
-
-def assert_nothing_left(bed, before: Snapshot, storage: Path | None = None) -> None:
-    """Everything as in `before`: no clone, no lease, no run files, no domain or volume."""
-    after = snapshot(bed, storage)
-    assert not after.clones, f"clones left in vCenter: {sorted(after.clones)}"
-    assert after.export_leases == 0, "an export lease is still ready in the simulator"
-    assert after.storage == before.storage, f"left in storage: {after.storage - before.storage}"
-    assert after.domains == before.domains, f"domains left: {after.domains - before.domains}"
-    assert after.volumes == before.volumes, f"volumes left: {after.volumes - before.volumes}"
-    assert after.vms == before.vms, "the vCenter inventory changed"
-    # A lease of another test's killed worker may time out meanwhile (test_resume.py).
-    assert after == replace(before, export_leases=0)
 
 
 @pytest.fixture()
@@ -298,7 +238,7 @@ def test_temporary_storage_full_mid_download_fails_cleanly(
         assert clean_sim.stats()["nfc_requests"] == 1
         assert leases.states(bed) == ["error"]
         filler.unlink()
-        assert_nothing_left(bed, before, small)
+        assert_nothing_left(bed, before)
 
 
 # --- virt-v2v killed on the convert host ------------------------------------------------

@@ -12,7 +12,6 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from blocks import KvmHost, TemporaryStorage
@@ -22,9 +21,8 @@ from tasks import kvm
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree_on_host
 from tasks.hosts import remote
-from tasks.inventory import list_vms
 from tasks.preflight import PreflightError
-from testbed.testing import request_for
+from testbed.testing import assert_nothing_left, request_for, snapshot
 
 # A directory name that would break any command built by pasting strings together.
 HOSTILE = 'local it\'s "q"; $(touch pwned) `id` .. é'
@@ -51,41 +49,12 @@ def _ovftool_calls(bed_blocks) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def _xml(dom) -> str:
-    try:
-        return dom.XMLDesc()
-    except libvirt.libvirtError:  # undefined meanwhile by another test bed
-        return ""
-
-
-def _state(bed, local_dir: Path) -> dict:
-    """What a run could leave behind: domains, volumes, files, vCenter VMs."""
-    conn = bed.libvirtd.conn
-    pool = conn.storagePoolLookupByName(bed.libvirtd.pool)
-    pool.refresh()
-    with bed.vcsim.connect() as si:
-        vms = list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
-    return {
-        # The libvirtd is shared with other test beds: only domains on this bed's pool or
-        # networks can come from this bed.
-        "domains": sorted(
-            d.name()
-            for d in conn.listAllDomains()
-            if any(name in _xml(d) for name in (bed.libvirtd.pool, *bed.libvirtd.networks))
-        ),
-        "volumes": sorted(pool.listVolumes()),
-        "scratch": sorted(str(p) for p in Path(bed.scratch).rglob("*")),
-        "local": sorted(str(p) for p in local_dir.rglob("*")),
-        "vms": sorted((v.path, v.power_state, v.disk_bytes) for v in vms),
-    }
-
-
 @pytest.fixture()
 def unchanged(bed, bed_blocks, local_dir):
-    before = _state(bed, local_dir)
+    before = snapshot(bed, bed.scratch, local_dir)
     calls = len(_ovftool_calls(bed_blocks))
     yield lambda: len(_ovftool_calls(bed_blocks)) - calls
-    assert _state(bed, local_dir) == before
+    assert_nothing_left(bed, before)
     assert not (local_dir.parent / "pwned").exists()
 
 

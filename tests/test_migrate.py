@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import libvirt
 import pytest
@@ -17,10 +16,9 @@ from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
 from tasks.hosts import HostSelectionError
-from tasks.inventory import list_vms
 from tasks.preflight import PreflightError
 from tasks.vcenter import SourceError
-from testbed.testing import STOP_AFTER_EXPORT, request_for
+from testbed.testing import STOP_AFTER_EXPORT, assert_nothing_left, request_for, snapshot
 
 DUMMY_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>
 <os><type arch='x86_64'>hvm</type></os><devices>
@@ -28,28 +26,13 @@ DUMMY_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</mem
 </devices></domain>"""
 
 
-def _state(bed) -> dict:
-    """What a run could leave behind: domains, volumes, scratch files, vCenter VMs."""
-    conn = bed.libvirtd.conn
-    pool = conn.storagePoolLookupByName(bed.libvirtd.pool)
-    pool.refresh()
-    with bed.vcsim.connect() as si:
-        vms = list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
-    return {
-        "domains": sorted(d.name() for d in conn.listAllDomains()),
-        "volumes": sorted(pool.listVolumes()),
-        "scratch": sorted(str(p) for p in Path(bed.scratch).rglob("*")),
-        "vms": sorted((v.path, v.power_state, v.disk_bytes) for v in vms),
-    }
-
-
 @pytest.fixture()
 def unchanged(bed):
     """Asserts that the test leaves the test bed as it found it (list it before fixtures
     that make things for the test, so it is checked after they are gone)."""
-    before = _state(bed)
+    before = snapshot(bed)
     yield
-    assert _state(bed) == before
+    assert_nothing_left(bed, before)
 
 
 @pytest.fixture()
