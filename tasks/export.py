@@ -91,11 +91,13 @@ def download_disk(
     settings: MigrationSettings,
     run_key: str,
     resume_token: str | None = None,
+    at_once: int = 1,
 ) -> ExportedDisk:
     """Stream one disk of the lease into the export directory, resuming a partial file.
 
     With a `resume_token`, a finished download's result is kept, and a retried run whose
     inputs are the same (see `tasks.resume`) does not download that disk again.
+    `at_once` is how many disks of the export download at the same time.
     """
 
     def check_aborted() -> None:
@@ -131,6 +133,7 @@ def download_disk(
             read_timeout=settings.http_timeout,
             deadline_seconds=settings.export.timeout_seconds,
             on_progress=on_progress,
+            hash_thread=at_once == 1,
         )
     except TransferError as exc:
         if exc.status == 404:
@@ -260,6 +263,7 @@ def _export_with_lease(
                             "cookie": unmapped(cookie),
                             "settings": unmapped(settings),
                             "run_key": unmapped(run_key),
+                            "at_once": unmapped(min(threads, len(urls))),
                             # The VM's identity and state are part of what a finished
                             # disk is.
                             "resume_token": unmapped(

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-CHUNK = 4 << 20
+CHUNK = 8 << 20
 """Bytes read from the network per call, handed to the writer's threads in one buffer.
 
-4 MiB rather than 1: fewer, larger O_DIRECT writes cost about 0.1 CPU s/GiB less with
-four disks at once (docs/benchmarks.md)."""
+8 MiB rather than 1: fewer, larger O_DIRECT writes and hand-overs cost about 0.1 CPU
+s/GiB less with four disks at once (docs/benchmarks.md)."""
 
-QUEUE_CHUNKS = 3
-"""Buffers of one download: bounds its memory (`QUEUE_CHUNKS * CHUNK`, 12 MiB)."""
+QUEUE_CHUNKS = 2
+"""Buffers of one download: bounds its memory (`QUEUE_CHUNKS * CHUNK`, 16 MiB)."""
 
 WRITEBACK = 32 << 20
 """Every this many bytes the writer asks the kernel to write back what came before."""
@@ -168,14 +168,17 @@ def _set_direct(fd: int, on: bool) -> bool:
 
 
 class _Writer:
-    """Hashes and writes the received buffers, in two threads of their own.
+    """Hashes and writes the received buffers in threads of their own.
 
-    The network loop only reads; one thread hashes each buffer while the other writes
-    it, so TLS, sha256 and the device's write (with O_DIRECT, the thread waits for the
-    device itself) overlap instead of adding up. The buffers (`QUEUE_CHUNKS` of `CHUNK`
-    bytes) are allocated once and go round between the threads, so memory stays
-    constant whatever the disk size and no page is faulted in per chunk; a buffer is
-    free again once both threads are done with it.
+    The network loop only reads. With `hash_thread`, one thread hashes each buffer while
+    another writes it, so TLS, sha256 and the device's write (with O_DIRECT, the thread
+    waits for the device itself) overlap instead of adding up: what one download alone
+    wants, with a core to spare. Without, one thread writes, then hashes: when several
+    downloads run at once the cores are busy anyway, and the third thread per disk only
+    adds hand-overs (docs/benchmarks.md). The buffers (`QUEUE_CHUNKS` of `CHUNK` bytes)
+    are allocated once and go round between the threads, so memory stays constant
+    whatever the disk size and no page is faulted in per chunk; a buffer is free again
+    once every thread is done with it.
 
     With `direct` (a local file system, see `DIRECT_FS`) the file is written with
     O_DIRECT: the device reads the buffer itself, without the copy into the page cache,
@@ -187,7 +190,15 @@ class _Writer:
     page cache.
     """
 
-    def __init__(self, out, digest, position: int, name: str, direct: bool = False) -> None:
+    def __init__(
+        self,
+        out,
+        digest,
+        position: int,
+        name: str,
+        direct: bool = False,
+        hash_thread: bool = True,
+    ) -> None:
         self._out = out
         self._fd = out.fileno()
         self._digest = digest
@@ -204,7 +215,10 @@ class _Writer:
         self._error: BaseException | None = None
         self._queues: list[queue.SimpleQueue[tuple[mmap.mmap, int] | None]] = []
         self._threads: list[threading.Thread] = []
-        for job, role in ((self._write, "write"), (self._digest.update, "hash")):
+        jobs_of = [(self._write, "write"), (self._digest.update, "hash")]
+        if not hash_thread:
+            jobs_of = [(self._write_and_hash, "write")]
+        for job, role in jobs_of:
             jobs: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
             thread = threading.Thread(
                 target=self._run, args=(jobs, job), name=f"{role}-{name}", daemon=True
@@ -223,6 +237,10 @@ class _Writer:
                     self._error = exc
             # Back to the network loop even after an error, so it never waits on a dead writer.
             self._done(buf)
+
+    def _write_and_hash(self, data: memoryview) -> None:
+        self._write(data)
+        self._digest.update(data)
 
     def _done(self, buf: mmap.mmap) -> None:
         with self._lock:
@@ -384,6 +402,7 @@ def download(
     max_resumes: int = 10,
     on_progress: Progress | None = None,
     progress_interval: float = 1.0,
+    hash_thread: bool = True,
 ) -> Downloaded:
     """Download `url` into `dest`, resuming from the bytes already there.
 
@@ -396,8 +415,8 @@ def download(
     `max_resumes` times in a row without progress. Bytes received before a break are kept,
     but for the buffer being filled when the connection fails with an error.
 
-    The network loop reads; one thread hashes while another writes (see `_Writer`, which
-    uses O_DIRECT on local file systems), so a download uses two cores when it can, and
+    The network loop reads; other threads hash and write (see `_Writer`, which uses
+    O_DIRECT on local file systems), so a download uses two cores when it can, and
     `QUEUE_CHUNKS * CHUNK` bytes of buffers. The file is fsynced before the download returns.
 
     Args:
@@ -412,6 +431,8 @@ def download(
         on_progress: Called every `progress_interval` seconds (from another thread) and
             at the end; an exception it raises stops the download.
         progress_interval: Seconds between progress reports, and between deadline checks.
+        hash_thread: Hash in a thread of its own, beside the writing: for a download that
+            runs alone; False when others run at the same time (see `_Writer`).
 
     Raises:
         TransferError: the server refused, TLS verification failed, the size is wrong,
@@ -520,7 +541,7 @@ def download(
                         break  # the file on disk was whole
                 watch.total = total
                 with dest.open("ab" if offset else "wb", buffering=0) as out:
-                    writer = _Writer(out, digest, offset, dest.name, direct)
+                    writer = _Writer(out, digest, offset, dest.name, direct, hash_thread)
                     try:
                         _stream(response, writer, watch)
                     finally:

@@ -99,7 +99,11 @@ def fetch(sim: VcSim, url: str, dest: Path, **kwargs) -> Downloaded:
     return download(url, dest, ssl_context=sim.ssl_context(), read_timeout=10, **kwargs)
 
 
-def test_download_gets_the_exact_bytes(sim: VcSim, disk: Disk, url: str, tmp_path: Path):
+# hash_thread=False: how a disk downloads beside others (the export's at_once > 1).
+@pytest.mark.parametrize("hash_thread", [True, False], ids=["hash-thread", "one-writer"])
+def test_download_gets_the_exact_bytes(
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path, hash_thread: bool
+):
     reports: list[tuple[int, int | None]] = []
     dest = tmp_path / "disk-0.vmdk"
     got = fetch(
@@ -108,6 +112,7 @@ def test_download_gets_the_exact_bytes(sim: VcSim, disk: Disk, url: str, tmp_pat
         dest,
         expected_size=disk.size,
         on_progress=lambda done, total: reports.append((done, total)),
+        hash_thread=hash_thread,
     )
     assert got.bytes == disk.size
     assert got.sha256 == disk.sha256 == sha256_file(dest)
@@ -126,12 +131,13 @@ def test_download_without_expected_size_trusts_the_server(
     assert (got.bytes, got.sha256) == (disk.size, disk.sha256)
 
 
+@pytest.mark.parametrize("hash_thread", [True, False], ids=["hash-thread", "one-writer"])
 def test_a_cut_connection_resumes_with_range_from_the_bytes_on_disk(
-    sim: VcSim, disk: Disk, url: str, tmp_path: Path
+    sim: VcSim, disk: Disk, url: str, tmp_path: Path, hash_thread: bool
 ):
     sim.fault(nfc_cut_after=3 * MiB, times=2)
     dest = tmp_path / "disk-0.vmdk"
-    got = fetch(sim, url, dest, expected_size=disk.size)
+    got = fetch(sim, url, dest, expected_size=disk.size, hash_thread=hash_thread)
     assert got.resumes == 2
     assert got.resumed_from == 0
     assert got.bytes == disk.size
