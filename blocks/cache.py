@@ -8,7 +8,10 @@ in that scope; outside, every load goes to the API as before.
 
 The scope is a context variable: the tasks and subflows of a run share it (Prefect copies
 the context into the threads it runs them in), two runs never do, so a block saved
-between two runs is seen by the next one.
+between two runs is seen by the next one. A scope opened inside another one is the outer
+one: migrate-wave opens a scope around its VMs, so the VMs of one wave (subflows in its
+threads) load each block once for the whole wave, not once each; a block saved during a
+wave is seen by the next wave.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ _loaded: ContextVar[dict[tuple[type, str], Any] | None] = ContextVar(
 
 @contextmanager
 def loads_cached() -> Iterator[None]:
-    """Within this block, each v2k block is loaded from the API at most once by name."""
+    """Within this block, each v2k block is loaded from the API at most once by name.
+
+    Inside another `loads_cached()`, this one shares the outer scope.
+    """
+    if _loaded.get() is not None:
+        yield
+        return
     token = _loaded.set({})
     try:
         yield

@@ -51,6 +51,7 @@ from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blocks import KvmCluster, VCenter
+from blocks.cache import loads_cached
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
 from tasks.models import MigrationRequest, libvirt_name
@@ -521,13 +522,16 @@ def migrate_wave(
         pending.append((position[id(r)], request, label, r.esxi_host, key))
 
     running = {}
-    while pending or running:
-        while pending and len(running) < in_flight:
-            index, request, label, esxi_host, key = pending.pop(0)
-            future = migrate_one.submit(request, label, esxi_host, deployment, key)
-            running[future] = index
-        done = next(as_completed(list(running)))
-        record(done.result(), running.pop(done))
+    # The VMs' runs (subflows in this process) share one block cache: each block is read
+    # from the API once for the wave, not once per VM (blocks/cache.py).
+    with loads_cached():
+        while pending or running:
+            while pending and len(running) < in_flight:
+                index, request, label, esxi_host, key = pending.pop(0)
+                future = migrate_one.submit(request, label, esxi_host, deployment, key)
+                running[future] = index
+            done = next(as_completed(list(running)))
+            record(done.result(), running.pop(done))
 
     outcomes = [o for _, o in sorted(outcomes, key=lambda pair: pair[0])]
     failed = sum(o.result == "failed" for o in outcomes)

@@ -44,11 +44,12 @@ def resume_token(scope: str) -> str:
     token = Variable.get(name, default=None)
     if token:
         return str(token)
+    token = uuid.uuid4().hex
     try:
-        Variable.set(name, uuid.uuid4().hex, overwrite=False)
+        Variable.set(name, token, overwrite=False)
     except (ObjectAlreadyExists, ValueError):
-        pass  # another process made it first: use theirs
-    return str(Variable.get(name))
+        return str(Variable.get(name))  # another process made it first: use theirs
+    return token
 
 
 def forget(scope: str) -> None:
