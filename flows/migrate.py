@@ -576,8 +576,13 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
     request = _with_saved_source(request, run_id)
     try:
         result = _run_stages(request, run_id)
-    except BaseException:
-        get_run_logger().error("migration of %s failed; cleaning up", request.vm)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            get_run_logger().error("migration of %s failed; cleaning up", request.vm)
+        else:  # cancelled, or the worker is being stopped
+            get_run_logger().warning(
+                "migration of %s was stopped (%s); cleaning up", request.vm, type(exc).__name__
+            )
         cleanup_run(request, run_id, flow_run_id, failed=True)
         raise
     cloned = any(stage.name == "prepare_source" for stage in result.stages)

@@ -91,6 +91,15 @@ def wrapped_command(
     return f"sh -c {shlex.quote(script)}"
 
 
+def timed_out(exited: int, elapsed: float, timeout_seconds: float) -> bool:
+    """Whether a command run under `timeout --kill-after` ended because its time was up.
+
+    124: `timeout` stopped it with TERM. 137 (KILL) is also what a command killed on the
+    host by someone else gives: only the time spent tells the two apart.
+    """
+    return exited == 124 or (exited == 137 and elapsed >= timeout_seconds)
+
+
 @dataclass
 class EventStream:
     """A file-like sink for fabric's out_stream that turns JSON lines into events."""
@@ -173,8 +182,7 @@ def run_virt_v2v(
     errors = [e.get("message", "") for e in sink.events if e.get("type") == "error"]
     warnings = [e.get("message", "") for e in sink.events if e.get("type") == "warning"]
     elapsed = time.monotonic() - started
-    # 137 is also what a virt-v2v killed on the host gives: the time tells them apart.
-    if result.exited == 124 or (result.exited == 137 and elapsed >= timeout_seconds):
+    if timed_out(result.exited, elapsed, timeout_seconds):
         raise ConvertRefused(
             f"virt-v2v did not finish in {timeout_seconds:.0f} s (convert_timeout) and was "
             "killed with its children" + _log_tail(conn, log_file)

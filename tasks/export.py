@@ -40,8 +40,8 @@ def disk_file_name(index: int) -> str:
     return f"disk-{index}.vmdk"
 
 
-# Exports (by run key) whose lease is gone: their queued and running downloads stop.
-_aborted: set[str] = set()
+# Exports (by run key) that stopped, with why: their queued and running downloads stop too.
+_aborted: dict[str, str] = {}
 
 # The TLS context of each running export (by run key), made once by the parent from the
 # VCenter block it loaded: its download tasks, in the same process, skip loading the block
@@ -102,7 +102,7 @@ def download_disk(
 
     def check_aborted() -> None:
         if run_key in _aborted:
-            raise ExportAborted(f"disk {index}: another disk of this export failed")
+            raise ExportAborted(f"disk {index}: {_aborted[run_key]}")
 
     check_aborted()
     started = time.monotonic()
@@ -278,10 +278,16 @@ def _export_with_lease(
                         # stop at their next progress report (queued ones before they
                         # start) instead of running against a dead lease.
                         disks_by_future = {id(f): f.result() for f in as_completed(futures)}
-                    except BaseException:
-                        _aborted.add(run_key)
+                    except BaseException as exc:
+                        # A cancelled or killed run is stopped, not failed.
+                        stopped = not isinstance(exc, Exception)
+                        _aborted[run_key] = (
+                            "the export was stopped"
+                            if stopped
+                            else "another disk of this export failed"
+                        )
                         wait(futures)
-                        _aborted.discard(run_key)
+                        _aborted.pop(run_key, None)
                         raise
             finally:
                 _tls.pop(run_key, None)

@@ -256,6 +256,7 @@ def place_volume(
         KvmImportError: the pool is not a directory pool, the source is missing on the
             host, or the copy failed (the volume is deleted again).
     """
+    from tasks.convert import timed_out
     from tasks.hosts import remote
 
     kind = ET.fromstring(pool.XMLDesc(0)).get("type")
@@ -288,6 +289,7 @@ def place_volume(
         argv = ["timeout", "--kill-after=30", f"{int(timeout_seconds)}s"]
         argv += ["qemu-img", "convert", "-p", "-n", "--target-is-zero"]
         argv += ["-f", "qcow2", "-O", "qcow2", "--", source, vol.path()]
+        started = time.monotonic()
         result = host_conn.run(
             remote(argv),
             out_stream=_PercentSink(virtual_size, on_progress),
@@ -299,7 +301,7 @@ def place_volume(
         if result.exited != 0:
             why = (
                 f"did not finish in {timeout_seconds:.0f} s"
-                if result.exited in (124, 137)
+                if timed_out(result.exited, time.monotonic() - started, timeout_seconds)
                 else f"exited {result.exited}: {result.stderr.strip()[-300:]}"
             )
             raise KvmImportError(f"qemu-img convert of {source} into {name!r} {why}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
 from pathlib import Path
 from urllib.parse import quote
 
 from invoke.watchers import Responder
 
 from blocks import VCenter
-from tasks.convert import kill_group, wrapped_command
+from tasks.convert import kill_group, timed_out, wrapped_command
 from tasks.hosts import remote
 from tasks.models import ExportedDisk, ExportResult, VmSpec
 
@@ -87,6 +88,7 @@ def run_ovftool(
     )
     answer = Responder(pattern=r"Password:", response=vcenter.password.get_secret_value() + "\n")
     sink = _ProgressSink(on_percent)
+    started = time.monotonic()
     try:
         result = conn.run(
             command,
@@ -103,9 +105,13 @@ def run_ovftool(
         raise
     secret = vcenter.password.get_secret_value()
     output = sink.text.replace(secret, "***")
-    if result.exited in (124, 137):
+    if timed_out(result.exited, time.monotonic() - started, timeout_seconds):
         raise OvftoolError(
             f"ovftool did not finish in {timeout_seconds:.0f} s (convert_timeout) and was killed"
+        )
+    if result.exited > 128:
+        raise OvftoolError(
+            f"ovftool was killed by signal {result.exited - 128} on the host before it finished"
         )
     if result.exited != 0:
         errors = [line for line in output.splitlines() if line.startswith("Error")]

@@ -3,7 +3,9 @@
 import shlex
 import subprocess
 
-from tasks.convert import EventStream, step_percent, virt_v2v_argv, wrapped_command
+import pytest
+
+from tasks.convert import EventStream, step_percent, timed_out, virt_v2v_argv, wrapped_command
 from tasks.models import libvirt_name
 
 HOSTILE = ["a b", "it's", "x;rm -rf /", "$(touch /tmp/pwned)", "`id`", "../../etc", "Ünïcødé"]
@@ -91,3 +93,17 @@ def test_libvirt_name_is_safe_for_any_vm_name():
         assert safe and safe[0] not in ".-" and "/" not in safe
         assert shlex.quote(safe) == safe
     assert libvirt_name("web 01") == "web-01"
+
+
+@pytest.mark.parametrize(
+    ("exited", "elapsed", "expected"),
+    [
+        (124, 5.0, True),  # timeout's own TERM
+        (137, 60.0, True),  # timeout's KILL after --kill-after: the time was up
+        (137, 5.0, False),  # KILL from someone on the host, early
+        (1, 60.0, False),
+        (0, 60.0, False),
+    ],
+)
+def test_timed_out_tells_the_time_limit_from_a_kill_on_the_host(exited, elapsed, expected):
+    assert timed_out(exited, elapsed, timeout_seconds=60) is expected
