@@ -525,13 +525,20 @@ def migrate_wave(
     # The VMs' runs (subflows in this process) share one block cache: each block is read
     # from the API once for the wave, not once per VM (blocks/cache.py).
     with loads_cached():
-        while pending or running:
+        finished = None
+        while pending or running or finished:
             while pending and len(running) < in_flight:
                 index, request, label, esxi_host, key = pending.pop(0)
                 future = migrate_one.submit(request, label, esxi_host, deployment, key)
                 running[future] = index
-            done = next(as_completed(list(running)))
-            record(done.result(), running.pop(done))
+            # A finished VM is recorded once its slot is refilled: the progress artifact
+            # is an API call that would otherwise keep the slot empty meanwhile.
+            if finished:
+                record(*finished)
+                finished = None
+            if running:
+                done = next(as_completed(list(running)))
+                finished = (done.result(), running.pop(done))
 
     outcomes = [o for _, o in sorted(outcomes, key=lambda pair: pair[0])]
     failed = sum(o.result == "failed" for o in outcomes)
