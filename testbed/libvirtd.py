@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -379,6 +380,11 @@ class Libvirtd:
         if self.pool in self.conn.listStoragePools() + self.conn.listDefinedStoragePools():
             log.info("removing pool %s left over from an earlier run", self.pool)
             self._remove_pool(self.pool)
+        # The directory is this test bed's own: files an earlier run left there (a domain
+        # removed without its volumes) would come back as volumes of the new pool.
+        if self.pool_path.exists() and any(self.pool_path.iterdir()):
+            log.info("emptying %s, left over from an earlier run", self.pool_path)
+            shutil.rmtree(self.pool_path)
         self.pool_path.mkdir(parents=True, exist_ok=True)
         xml = (
             f"<pool type='dir'><name>{self.pool}</name>"

@@ -163,6 +163,19 @@ def test_second_bed_shares_the_daemon_and_cleans_up_its_own(lv, conn, tmp_path):
     assert conn.storagePoolLookupByName(lv.pool).isActive()  # the first bed is untouched
 
 
+def test_a_restarted_bed_starts_with_an_empty_pool(lv, conn, tmp_path):
+    # What a domain removed without its volumes leaves in the bed's own directory must not
+    # come back as a volume of the next run's pool (make demo twice in a row).
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "left-disk0.qcow2").write_bytes(b"\0" * 4096)
+    other = Libvirtd(tmp_path, prefix="v2kt-", ip_prefix="10.240").start()
+    try:
+        assert conn.storagePoolLookupByName(other.pool).listVolumes() == []
+        assert not (tmp_path / "pool" / "left-disk0.qcow2").exists()
+    finally:
+        other.stop()
+
+
 def test_ssh_uri_through_kvm1_checks_host_keys(lv, hosts, tmp_path):
     h = hosts.host("kvm1")
     uri = ssh_uri(h)
