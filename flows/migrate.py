@@ -27,7 +27,7 @@ from blocks import (
 )
 from blocks.cache import loads_cached
 from blocks.vcenter import VCenterError
-from tasks import events, kvm, resume
+from tasks import events, kvm, resume, ssh
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree, remove_tree_on_host
 from tasks.convert import ConvertRefused, convert_vm
@@ -60,6 +60,7 @@ from tasks.progress import Progress, artifact_key
 from tasks.resume import resumable
 from tasks.retries import retry_unless
 from tasks.source import clone_for_export, clone_name, remove_clones
+from tasks.ssh import shared_connections
 from tasks.vcenter import SourceError
 
 # Errors a retry cannot fix: the user has to change something first.
@@ -164,7 +165,7 @@ def ovftool_export_task(
     storage = TemporaryStorage.load(request.temporary_storage)
     host = KvmHost.load(host_name)
     progress = Progress(artifact_key(run_key, "export"), f"ovftool export on {host_name}")
-    with host.get_connection() as conn:
+    with ssh.connection(host) as conn:
         ovf_dir = run_ovftool(
             conn,
             VCenter.load(request.vcenter),
@@ -274,7 +275,7 @@ def import_task(
             # An earlier try may have made a volume and failed before it could delete it.
             for leftover in kvm.remove_leftover_volumes(conn, target, pools):
                 logger.warning("removed %s, left by an earlier try of this import", leftover)
-        with host.get_connection() as host_conn:
+        with ssh.connection(host) as host_conn:
             dom, volumes, dom_type = kvm.import_disks_and_define(
                 conn,
                 host_conn,
@@ -606,6 +607,7 @@ def _transfer_seconds(exported: ExportResult) -> float:
 
 
 @loads_cached()  # each block once per run, not once per stage (blocks/cache.py)
+@shared_connections()  # one SSH login per host per run, not per stage (tasks/ssh.py)
 def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     """The stages in order, each timed; what they create is removed by cleanup_run."""
     load_blocks(request)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from invoke.exceptions import CommandTimedOut
 
+from tasks import ssh
 from tasks.hosts import remote
 
 # virt-v2v's own steps in the order it prints them, so a step can be shown as a percent.
@@ -322,7 +323,7 @@ def convert_vm(
             progress.step(percent, message)
 
     started = time.monotonic()
-    with host.get_connection() as conn:
+    with ssh.connection(host) as conn:
         done = run_virt_v2v(
             conn, argv, out_dir=out_dir, timeout_seconds=timeout_seconds, env=env, on_event=on_event
         )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import random
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from blocks import KvmHost
+from tasks import ssh
 from tasks.models import HostChoice, HostProbe
 
 # One round trip per host: each probe prints KEY=VALUE, and a missing tool prints nothing.
@@ -58,7 +60,7 @@ def probe_host(
     )
     started = time.monotonic()
     try:
-        with host.get_connection() as conn:
+        with ssh.connection(host) as conn:
             result = conn.run(
                 f"sh -c {shlex.quote(script)}",
                 hide=True,
@@ -115,7 +117,11 @@ def probe_hosts(
     ]
     if enabled:
         with ThreadPoolExecutor(max_workers=min(16, len(enabled))) as pool:
-            futures = [pool.submit(probe_host, n, h, timeout, scratch) for n, h in enabled.items()]
+            # In the caller's context: the run's shared connections (tasks.ssh) are kept.
+            futures = [
+                pool.submit(contextvars.copy_context().run, probe_host, n, h, timeout, scratch)
+                for n, h in enabled.items()
+            ]
             probes += [f.result() for f in futures]
     return sorted(probes, key=lambda p: p.name)
 

@@ -8,6 +8,7 @@ import uuid
 import xml.etree.ElementTree as ET
 
 import libvirt
+import paramiko
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -212,8 +213,19 @@ def test_failed_conversion_leaves_nothing(bed_blocks, unchanged):
 
 
 @pytest.mark.slow
-def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged):
+def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged, monkeypatch):
+    logins = []
+    real_connect = paramiko.SSHClient.connect
+
+    def counted(client, hostname, *args, **kwargs):
+        logins.append(hostname)
+        return real_connect(client, hostname, *args, **kwargs)
+
+    monkeypatch.setattr(paramiko.SSHClient, "connect", counted)
     result = migrate_vm(request_for(bed_blocks, "debian-stopped", verify_boot=True))
+    # One SSH login per host for the stages (tasks.ssh): probe, convert and import share it.
+    hosts = [h.address for h in bed.hosts.hosts]
+    assert sorted(logins) == sorted(hosts), logins
     conn = bed.libvirtd.conn
     try:
         dom = conn.lookupByName(result.domain_name)
