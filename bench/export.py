@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bench
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -1062,16 +1064,6 @@ def report(result: Result) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m bench export", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
 def add_arguments(parser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="small disks (128 MiB, 4 x 128 MiB, 512 MiB)"
@@ -1104,13 +1096,10 @@ def run_from_args(args) -> int:
         memory=args.only in (None, "memory"),
         throughput=args.only in (None, "throughput"),
     )
-    print(report(result), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    return 1 if args.strict and not result.passed else 0
+    return bench.finish(args, result, report(result))
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "worker":
         sys.exit(_worker_main(int(sys.argv[2])))
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(bench.main(sys.modules[__name__], "python -m bench export", sys.argv[1:]))

@@ -27,7 +27,6 @@ attribute-by-attribute loop measured in the same run.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -36,6 +35,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import bench
 
 TARGET_SECONDS = 5.0
 TARGET_SPEEDUP = 20.0
@@ -288,21 +289,8 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args) -> int:
     result = run(args.vms, args.repeats, args.sample, args.workdir)
-    print(report(result), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    return 1 if args.strict and not result.passed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.inventory", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return bench.finish(args, result, report(result))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(bench.main(sys.modules[__name__], "python -m bench.inventory", sys.argv[1:]))

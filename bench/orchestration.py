@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+import bench
 from bench.export import log, machine, machine_busy, self_cpu
 
 TARGET_OVERHEAD = 3.0
@@ -610,23 +611,10 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args) -> int:
     result = run(args.vms, args.repeats, args.max_in_flight, args.database, args.workdir)
-    print(report(result), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    return 1 if args.strict and not result.passed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m bench orchestration", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return bench.finish(args, result, report(result))
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "worker":
         sys.exit(worker_main(Path(sys.argv[2])))
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(bench.main(sys.modules[__name__], "python -m bench orchestration", sys.argv[1:]))

@@ -50,6 +50,7 @@ from tasks.preflight import (
     BlockNotFound,
     Preflight,
     PreflightError,
+    disk_pools,
     host_rules,
     load_blocks,
     preflight,
@@ -260,7 +261,7 @@ def import_task(
         (nic, *kvm.network_target(nic, cluster.network_map, cluster.default_network))
         for nic in spec.nics
     ]
-    pools = [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
+    pools = disk_pools(spec, cluster)
     progress = Progress(artifact_key(run_key, "import"), f"import {target} on {host_name}")
     timings: dict[str, float] = {}
     try:

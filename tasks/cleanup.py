@@ -7,6 +7,8 @@ import shlex
 import shutil
 from pathlib import Path, PurePosixPath
 
+from tasks.hosts import run_quiet
+
 # The path comes in as $1, never in the script; "removed" tells that there was something.
 _REMOVE = '[ -e "$1" ] || [ -L "$1" ] || exit 0; rm -rf -- "$1" && echo removed'
 
@@ -36,13 +38,7 @@ def remove_tree_on_host(conn, path: str, inside: str, timeout: float = 600) -> b
     base = PurePosixPath(posixpath.normpath(inside))
     if not base.is_absolute() or target == base or base not in target.parents:
         raise ValueError(f"refusing to remove {path} on the host: not inside {inside}")
-    result = conn.run(
-        f"sh -c {shlex.quote(_REMOVE)} sh {shlex.quote(str(target))}",
-        hide=True,
-        warn=True,
-        in_stream=False,
-        timeout=timeout,
-    )
+    result = run_quiet(conn, f"sh -c {shlex.quote(_REMOVE)} sh {shlex.quote(str(target))}", timeout)
     if result.exited != 0:
         raise RuntimeError(f"rm -rf {target} failed: {result.stderr.strip()[-300:]}")
     return "removed" in result.stdout

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from invoke.exceptions import CommandTimedOut
 
 from tasks import ssh
-from tasks.hosts import remote
+from tasks.hosts import remote, run_quiet
 
 # virt-v2v's own steps in the order it prints them, so a step can be shown as a percent.
 STEPS = [
@@ -223,20 +223,14 @@ def kill_group(conn, pid_file: str, program: str = "virt-v2v") -> None:
         '{ kill -TERM -"$p" 2>/dev/null; sleep 2; kill -KILL -"$p" 2>/dev/null; }; true'
     )
     try:
-        conn.run(f"sh -c {shlex.quote(script)}", hide=True, warn=True, in_stream=False, timeout=30)
+        run_quiet(conn, f"sh -c {shlex.quote(script)}", 30)
     except Exception:  # noqa: BLE001 - best effort: the remote timeout kills it anyway
         pass
 
 
 def _log_tail(conn, log_file: str, lines: int = 15) -> str:
     try:
-        tail = conn.run(
-            remote(["tail", "-n", str(lines), "--", log_file]),
-            hide=True,
-            warn=True,
-            in_stream=False,
-            timeout=30,
-        ).stdout.strip()
+        tail = run_quiet(conn, ["tail", "-n", str(lines), "--", log_file], 30).stdout.strip()
     except Exception:  # noqa: BLE001 - the log is a courtesy
         return ""
     return f"\nlast lines of {log_file}:\n{tail}" if tail else ""
@@ -256,13 +250,7 @@ def check_outputs(
     found = []
     for index, capacity in enumerate(capacities):
         path = f"{out_dir}/{name}-sd{chr(ord('a') + index)}"
-        result = conn.run(
-            remote(["qemu-img", "info", "--output=json", "--", path]),
-            hide=True,
-            warn=True,
-            in_stream=False,
-            timeout=120,
-        )
+        result = run_quiet(conn, ["qemu-img", "info", "--output=json", "--", path], 120)
         if result.exited != 0:
             raise ConvertError(
                 f"virt-v2v produced no disk {index + 1} of {len(capacities)} ({path}); "
@@ -275,9 +263,7 @@ def check_outputs(
                 f"bytes; expected qcow2 of {capacity} bytes like the source"
             )
         found.append((path, info["virtual-size"], info.get("actual-size", 0)))
-    extra = conn.run(
-        remote(["ls", "--", out_dir]), hide=True, warn=True, in_stream=False, timeout=60
-    ).stdout.split()
+    extra = run_quiet(conn, ["ls", "--", out_dir], 60).stdout.split()
     unexpected = [f for f in extra if f.startswith(f"{name}-sd")][len(capacities) :]
     if unexpected:
         raise ConvertError(f"virt-v2v produced more disks than the source has: {unexpected}")

@@ -263,7 +263,7 @@ def _export_with_lease(
                             "cookie": unmapped(cookie),
                             "settings": unmapped(settings),
                             "run_key": unmapped(run_key),
-                            "at_once": unmapped(min(threads, len(urls))),
+                            "at_once": unmapped(threads),
                             # The VM's identity and state are part of what a finished
                             # disk is.
                             "resume_token": unmapped(

@@ -44,6 +44,14 @@ def remote(argv: list[str], env: dict[str, str] | None = None) -> str:
     return shlex.join(prefix + argv)
 
 
+def run_quiet(conn, command: str | list[str], timeout: float):
+    """Run a short command on a host and return its result: output captured, not echoed,
+    no stdin, a non-zero exit returned rather than raised. A list is an argv, quoted
+    into a command line (`remote`)."""
+    line = remote(command) if isinstance(command, list) else command
+    return conn.run(line, hide=True, warn=True, in_stream=False, timeout=timeout)
+
+
 def probe_host(
     name: str, host: KvmHost, timeout: float = 60, scratch: str | None = None
 ) -> HostProbe:
@@ -61,13 +69,7 @@ def probe_host(
     started = time.monotonic()
     try:
         with ssh.connection(host) as conn:
-            result = conn.run(
-                f"sh -c {shlex.quote(script)}",
-                hide=True,
-                warn=True,
-                timeout=timeout,
-                in_stream=False,
-            )
+            result = run_quiet(conn, f"sh -c {shlex.quote(script)}", timeout)
     except Exception as exc:  # noqa: BLE001 - every failure to reach a host is reported the same
         return HostProbe(name=name, reachable=False, error=f"{type(exc).__name__}: {exc}")
     if result.exited != 0:

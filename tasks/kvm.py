@@ -153,14 +153,18 @@ def target_volumes(
     return found
 
 
+def _volumes_of(dom: libvirt.virDomain) -> list[tuple[str, str]]:
+    """(pool, volume) of each of the domain's disks that is a pool volume."""
+    root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    return [
+        (source.get("pool"), source.get("volume"))
+        for source in root.iterfind("devices/disk[@type='volume']/source")
+    ]
+
+
 def attached_volumes(conn: libvirt.virConnect) -> set[tuple[str, str]]:
     """(pool, volume) of every disk of every domain on the host."""
-    used = set()
-    for dom in conn.listAllDomains():
-        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-        for source in root.iterfind("devices/disk[@type='volume']/source"):
-            used.add((source.get("pool"), source.get("volume")))
-    return used
+    return {volume for dom in conn.listAllDomains() for volume in _volumes_of(dom)}
 
 
 def remove_leftover_volumes(conn: libvirt.virConnect, target: str, pools: list[str]) -> list[str]:
@@ -170,7 +174,8 @@ def remove_leftover_volumes(conn: libvirt.virConnect, target: str, pools: list[s
     started, so an unattached volume of that name is what an earlier try of this run left
     (its libvirt call failed after the volume was made, or its worker died).
     """
-    leftovers = [v for v in target_volumes(conn, target, pools) if v not in attached_volumes(conn)]
+    attached = attached_volumes(conn)
+    leftovers = [v for v in target_volumes(conn, target, pools) if v not in attached]
     remove_volumes(conn, leftovers)
     return [f"{pool}/{vol}" for pool, vol in leftovers]
 
@@ -257,7 +262,7 @@ def place_volume(
             host, or the copy failed (the volume is deleted again).
     """
     from tasks.convert import timed_out
-    from tasks.hosts import remote
+    from tasks.hosts import remote, run_quiet
 
     kind = ET.fromstring(pool.XMLDesc(0)).get("type")
     if kind not in FILE_POOL_TYPES:
@@ -266,13 +271,7 @@ def place_volume(
             f"storage can only be copied into a {', '.join(FILE_POOL_TYPES)} pool"
         )
     # Before anything is created: a missing file creates nothing.
-    found = host_conn.run(
-        remote(["qemu-img", "info", "--", source]),
-        hide=True,
-        warn=True,
-        in_stream=False,
-        timeout=120,
-    )
+    found = run_quiet(host_conn, ["qemu-img", "info", "--", source], 120)
     if found.exited != 0:
         raise KvmImportError(
             f"converted disk {source} is not readable on the import host: "
@@ -482,13 +481,9 @@ def run_domains(conn: libvirt.virConnect, flow_run_id: str) -> list[str]:
 def remove_domain_and_volumes(conn: libvirt.virConnect, name: str) -> None:
     """Remove a domain and the pool volumes its disks use."""
     try:
-        root = ET.fromstring(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        volumes = _volumes_of(conn.lookupByName(name))
     except libvirt.libvirtError:
         return
-    volumes = [
-        (source.get("pool"), source.get("volume"))
-        for source in root.iterfind("devices/disk[@type='volume']/source")
-    ]
     remove_domain(conn, name)
     remove_volumes(conn, volumes)
 
@@ -540,15 +535,9 @@ def wait_for_login(
 
 def check_volume(host_conn, path: str) -> None:
     """`qemu-img check` of a volume on its host; raise KvmImportError when it is damaged."""
-    from tasks.hosts import remote
+    from tasks.hosts import run_quiet
 
-    result = host_conn.run(
-        remote(["qemu-img", "check", "-f", "qcow2", "--", path]),
-        hide=True,
-        warn=True,
-        in_stream=False,
-        timeout=600,
-    )
+    result = run_quiet(host_conn, ["qemu-img", "check", "-f", "qcow2", "--", path], 600)
     if result.exited != 0:
         raise KvmImportError(f"qemu-img check failed for {path}: {result.stdout.strip()[-300:]}")
 

@@ -12,7 +12,7 @@ from invoke.watchers import Responder
 
 from blocks import VCenter
 from tasks.convert import kill_group, timed_out, wrapped_command
-from tasks.hosts import remote
+from tasks.hosts import remote, run_quiet
 from tasks.models import ExportedDisk, ExportResult, VmSpec
 
 _PERCENT = re.compile(r"(\d{1,3})%")
@@ -118,12 +118,8 @@ def run_ovftool(
         raise OvftoolError(
             f"ovftool exited {result.exited}: {'; '.join(errors) or output.strip()[-500:]}"
         )
-    found = conn.run(
-        f"sh -c {shlex.quote(_LIST_OVF)} sh {shlex.quote(target_dir)}",
-        hide=True,
-        warn=True,
-        in_stream=False,
-        timeout=60,
+    found = run_quiet(
+        conn, f"sh -c {shlex.quote(_LIST_OVF)} sh {shlex.quote(target_dir)}", 60
     ).stdout.splitlines()
     if len(found) != 1:
         raise OvftoolError(f"ovftool wrote {len(found)} descriptors under {target_dir}, not 1")
@@ -152,13 +148,7 @@ def exported_on_host(conn, directory: str, source_moref: str) -> ExportResult:
     Raises:
         OvftoolError: the directory cannot be listed on the host.
     """
-    result = conn.run(
-        f"sh -c {shlex.quote(_LIST_EXPORT)} sh {shlex.quote(directory)}",
-        hide=True,
-        warn=True,
-        in_stream=False,
-        timeout=60,
-    )
+    result = run_quiet(conn, f"sh -c {shlex.quote(_LIST_EXPORT)} sh {shlex.quote(directory)}", 60)
     if result.exited != 0:
         raise OvftoolError(f"cannot list {directory} on the export host: {result.stderr.strip()}")
     listing, _, manifests = result.stdout.partition("\0\0")

@@ -13,7 +13,14 @@ from tasks import kvm
 from tasks.convert import virt_v2v_argv
 from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
 from tasks.models import HostChoice, HostProbe, MigrationRequest, VmSpec
-from tasks.preflight import Concern, check, host_rules, storage_rules, temporary_need
+from tasks.preflight import (
+    Concern,
+    check,
+    disk_pools,
+    host_rules,
+    storage_rules,
+    temporary_need,
+)
 from tasks.progress import human_bytes
 
 
@@ -172,7 +179,7 @@ def _commands(spec, target, storage, cluster, settings, choice) -> list[str]:
     where = choice.convert if choice else "<no host>"
     env = "VIRTIO_WIN=<virtio-win> " if spec.is_windows else ""
     steps.append(f"on {where}: {env}{shlex.join(argv)}")
-    pools = [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
+    pools = disk_pools(spec, cluster)
     into = choice.import_ if choice else "<no host>"
     # Local storage: the qcow2s are on the host only, so they are copied there.
     fill = "qemu-img convert on the host into it" if not storage.shared else "upload"

@@ -543,7 +543,7 @@ def _host_rules(
 def _volume_rules(
     conn, host: str, spec: VmSpec, target_name: str, cluster: KvmCluster
 ) -> list[Concern]:
-    pools = [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
+    pools = disk_pools(spec, cluster)
     return [
         Concern(
             rule="target-volume-exists",
@@ -555,11 +555,15 @@ def _volume_rules(
     ]
 
 
+def disk_pools(spec: VmSpec, cluster: KvmCluster) -> list[str]:
+    """The destination pool of each disk, in order, after the cluster's storage map."""
+    return [cluster.storage_map.get(d.datastore, cluster.storage_pool) for d in spec.disks]
+
+
 def pool_needs(spec: VmSpec, cluster: KvmCluster) -> dict[str, int]:
     """Bytes each destination pool receives, after the cluster's storage map."""
     needs: dict[str, int] = {}
-    for disk in spec.disks:
-        pool = cluster.storage_map.get(disk.datastore, cluster.storage_pool)
+    for disk, pool in zip(spec.disks, disk_pools(spec, cluster), strict=True):
         needs[pool] = needs.get(pool, 0) + disk.capacity_bytes
     return needs
 

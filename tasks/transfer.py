@@ -199,7 +199,6 @@ class _Writer:
         direct: bool = False,
         hash_thread: bool = True,
     ) -> None:
-        self._out = out
         self._fd = out.fileno()
         self._digest = digest
         self.position = position
