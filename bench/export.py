@@ -645,6 +645,7 @@ def _worker_main(fd: int) -> int:
     from prefect import flow, task
 
     from blocks import MigrationSettings, VCenter
+    from blocks.cache import loads_cached
     from tasks.export import run_export
     from tasks.models import VmSpec
 
@@ -660,8 +661,10 @@ def _worker_main(fd: int) -> int:
         return noop_task()
 
     @flow(name="bench-export", flow_run_name="bench-{run_key}")
+    @loads_cached()
     def export_flow(spec_json: dict, directory: str, run_key: str) -> dict[str, Any]:
-        # As migrate_vm: the settings and the vCenter block are loaded before the export.
+        # As migrate_vm: the settings and the vCenter block are loaded before the export,
+        # in the run's block cache, so the export's own loads are answered from it.
         spec = VmSpec.model_validate(spec_json)
         settings = MigrationSettings.load(SETTINGS_BLOCK)
         VCenter.load(VCENTER_BLOCK)

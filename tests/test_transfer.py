@@ -6,8 +6,15 @@ The server's download counters (VcSim.stats) show what went over the wire."""
 
 from __future__ import annotations
 
+import hashlib
+import http.client
+import http.server
 import logging
+import os
+import random
 import ssl
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +22,7 @@ from pyVmomi import vim
 
 import tasks.transfer as transfer
 from tasks.transfer import TAIL_CHECK, Downloaded, TransferError, download
+from testbed.certs import make_certs
 from testbed.images import sha256_file
 from testbed.inventory import apply_inventory, parse_inventory
 from testbed.vcsim import VcSim
@@ -450,3 +458,96 @@ def test_o_direct_on_a_local_file_system_and_the_page_cache_give_the_same_bytes(
     assert got.sha256 == disk.sha256 == sha256_file(dest)
     # O_DIRECT on for the first request; off at the cut's unaligned piece, never on again.
     assert calls == ([True, False] if direct else [])
+
+
+# ---------------------------------------------------------------------------------------
+# Body framings other than the simulator's: a small HTTPS server of Python's own
+# ---------------------------------------------------------------------------------------
+
+BODY = random.Random(7).randbytes(2 * transfer.CHUNK + 12345)
+
+
+class _Framings(http.server.BaseHTTPRequestHandler):
+    """GET /length: Content-Length, headers and the body's start in one TLS write;
+    /chunked: chunked transfer coding; /close: no length, the body ends with the connection."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path == "/length":
+            # Headers and body in one write: the first TLS record holds both, so
+            # http.client buffers the body's first bytes while it reads the headers.
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+            self.wfile.write(head + BODY)
+            return
+        self.send_response(200)
+        if self.path == "/chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for at in range(0, len(BODY), 1_000_003):
+                piece = BODY[at : at + 1_000_003]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(BODY)
+            self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def framings(tmp_path_factory: pytest.TempPathFactory):
+    certs = make_certs(tmp_path_factory.mktemp("framing-certs"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Framings)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs.cert, certs.key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield (
+        f"https://127.0.0.1:{server.server_address[1]}",
+        ssl.create_default_context(cafile=str(certs.ca_cert)),
+    )
+    server.shutdown()
+    server.server_close()
+
+
+# A known length is read from the TLS socket itself; the others through http.client.
+@pytest.mark.parametrize(
+    ("path", "through_http_client"), [("/length", False), ("/chunked", True), ("/close", True)]
+)
+def test_every_body_framing_gives_the_exact_bytes(
+    framings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str, through_http_client: bool
+):
+    base, context = framings
+    calls = []
+    real = http.client.HTTPResponse.readinto
+    monkeypatch.setattr(
+        http.client.HTTPResponse, "readinto", lambda self, b: calls.append(1) or real(self, b)
+    )
+    dest = tmp_path / "disk.vmdk"
+    got = download(base + path, dest, ssl_context=context, read_timeout=10)
+    assert dest.read_bytes() == BODY
+    assert (got.bytes, got.sha256) == (len(BODY), hashlib.sha256(BODY).hexdigest())
+    assert got.resumes == 0
+    assert bool(calls) is through_http_client
+
+
+def test_a_lone_downloads_hash_thread_runs_nicer_than_the_network_loop(tmp_path: Path):
+    with (tmp_path / "f").open("wb", buffering=0) as out:
+        writer = transfer._Writer(out, hashlib.sha256(), 0, "nice-test", hash_thread=True)
+        try:
+            (hasher,) = [t for t in threading.enumerate() if t.name == "hash-nice-test"]
+            (write,) = [t for t in threading.enumerate() if t.name == "write-nice-test"]
+            mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            deadline = time.monotonic() + 5
+            while os.getpriority(os.PRIO_PROCESS, hasher.native_id) == mine:
+                assert time.monotonic() < deadline, "the hash thread kept the loop's priority"
+                time.sleep(0.01)
+            assert os.getpriority(os.PRIO_PROCESS, hasher.native_id) == mine + transfer.HASH_NICE
+            assert os.getpriority(os.PRIO_PROCESS, write.native_id) == mine
+        finally:
+            writer.close()
