@@ -44,13 +44,6 @@ WRITEBACK = 32 << 20
 TAIL_CHECK = 64 << 10
 """Bytes at the end of a partial file that are asked for again and compared before resuming."""
 
-HASH_NICE = 5
-"""How much nicer than the network loop a lone download's hash thread runs.
-
-On a busy machine the hash (which only has to keep up) yields the core to the network
-loop, which is the download's slowest step: 2-5 % faster for one disk on 2 cores
-(docs/benchmarks.md)."""
-
 DIRECT_IO = True
 """Write with O_DIRECT on the local file systems of `DIRECT_FS` (see `_Writer`)."""
 
@@ -161,13 +154,6 @@ def _fs_type(path: Path) -> str:
     return found
 
 
-def _be_nicer(by: int) -> None:
-    """Lower the calling thread's priority (Linux: a thread has a nice value of its own)."""
-    with contextlib.suppress(AttributeError, OSError):
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + by)
-
-
 def _set_direct(fd: int, on: bool) -> bool:
     """Turn O_DIRECT on or off for `fd`; False where the file system does not do it."""
     direct = getattr(os, "O_DIRECT", 0)
@@ -228,21 +214,19 @@ class _Writer:
         self._error: BaseException | None = None
         self._queues: list[queue.SimpleQueue[tuple[mmap.mmap, int] | None]] = []
         self._threads: list[threading.Thread] = []
-        jobs_of = [(self._write, "write", 0), (self._digest.update, "hash", HASH_NICE)]
+        jobs_of = [(self._write, "write"), (self._digest.update, "hash")]
         if not hash_thread:
-            jobs_of = [(self._write_and_hash, "write", 0)]
-        for job, role, nice in jobs_of:
+            jobs_of = [(self._write_and_hash, "write")]
+        for job, role in jobs_of:
             jobs: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
             thread = threading.Thread(
-                target=self._run, args=(jobs, job, nice), name=f"{role}-{name}", daemon=True
+                target=self._run, args=(jobs, job), name=f"{role}-{name}", daemon=True
             )
             self._queues.append(jobs)
             self._threads.append(thread)
             thread.start()
 
-    def _run(self, jobs: queue.SimpleQueue, job: Callable[[memoryview], object], nice: int) -> None:
-        if nice:
-            _be_nicer(nice)
+    def _run(self, jobs: queue.SimpleQueue, job: Callable[[memoryview], object]) -> None:
         while (item := jobs.get()) is not None:
             buf, n = item
             if self._error is None:
@@ -632,8 +616,8 @@ def _body_reader(
 
     A body of known length (what NFC device URLs send) is read from the TLS socket
     itself once the bytes that `http.client` buffered with the headers are taken:
-    `response.readinto` goes through two more layers of Python per 16 KiB TLS record,
-    which costs the network loop about 5 % of the download's speed on a busy machine
+    `response.readinto` goes through two more layers of Python per 16 KiB TLS record.
+    That is about 0.03 CPU s/GiB, 1-2 % of four disks at once, which are bound by CPU
     (docs/benchmarks.md). A chunked body, or one that ends when the connection closes,
     goes through `response.readinto`, which knows those framings.
     """

@@ -10,11 +10,9 @@ import hashlib
 import http.client
 import http.server
 import logging
-import os
 import random
 import ssl
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -404,7 +402,6 @@ def test_an_abort_stops_a_download_stuck_in_a_slow_read(
 def test_the_rate_fault_throttles_and_counts_the_download_as_active(
     sim: VcSim, disk: Disk, url: str, tmp_path: Path
 ):
-    import threading
     import time
 
     sim.fault(nfc_rate_kbps=16 * 1024, times=1)  # about half a second
@@ -534,20 +531,3 @@ def test_every_body_framing_gives_the_exact_bytes(
     assert (got.bytes, got.sha256) == (len(BODY), hashlib.sha256(BODY).hexdigest())
     assert got.resumes == 0
     assert bool(calls) is through_http_client
-
-
-def test_a_lone_downloads_hash_thread_runs_nicer_than_the_network_loop(tmp_path: Path):
-    with (tmp_path / "f").open("wb", buffering=0) as out:
-        writer = transfer._Writer(out, hashlib.sha256(), 0, "nice-test", hash_thread=True)
-        try:
-            (hasher,) = [t for t in threading.enumerate() if t.name == "hash-nice-test"]
-            (write,) = [t for t in threading.enumerate() if t.name == "write-nice-test"]
-            mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-            deadline = time.monotonic() + 5
-            while os.getpriority(os.PRIO_PROCESS, hasher.native_id) == mine:
-                assert time.monotonic() < deadline, "the hash thread kept the loop's priority"
-                time.sleep(0.01)
-            assert os.getpriority(os.PRIO_PROCESS, hasher.native_id) == mine + transfer.HASH_NICE
-            assert os.getpriority(os.PRIO_PROCESS, write.native_id) == mine
-        finally:
-            writer.close()
