@@ -11,7 +11,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
-from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
 from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import flow_run, task_run
@@ -27,6 +26,7 @@ from blocks import (
 )
 from blocks.cache import loads_cached
 from blocks.vcenter import VCenterError
+from flows.limits import existing_limits, limit_name, slot
 from tasks import events, kvm, resume, ssh
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree, remove_tree_on_host
@@ -686,7 +686,8 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         seconds=stages[-1].seconds,
     )
     # Caps per KVM host across all runs and workers (limits created by waves or by hand).
-    with concurrency(f"v2k-kvm-{choice.convert}", occupy=1, strict=False):
+    capped = existing_limits({limit_name("kvm", h) for h in (choice.convert, choice.import_)})
+    with slot(limit_name("kvm", choice.convert), capped):
         converted = timed(
             "convert",
             lambda: _staged(convert_task, settings, "convert")(
@@ -706,7 +707,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     events.emit(
         "converted", spec, host=converted.host, osinfo=converted.osinfo, seconds=converted.seconds
     )
-    with concurrency(f"v2k-kvm-{choice.import_}", occupy=1, strict=False):
+    with slot(limit_name("kvm", choice.import_), capped):
         imported = timed(
             "import",
             lambda: _staged(import_task, settings, "import")(

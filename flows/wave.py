@@ -1,11 +1,8 @@
 """The `migrate-wave` flow: many VMs, one migrate-vm subflow each, at most N at a time.
 
-Caps that hold across every wave and worker are Prefect global concurrency limits:
-
-- `v2k-esxi-<ESXi host>`: VMs in flight per source ESXi host (held by the wave around
-  each VM's migration; Forklift's default of 20);
-- `v2k-kvm-<KvmHost block>`: conversions and imports at once per KVM host (held by
-  migrate-vm around its convert and import stages).
+Caps that hold across every wave and worker are Prefect global concurrency limits
+(`flows/limits.py`): VMs in flight per source ESXi host (Forklift's default of 20) and
+conversions and imports at once per KVM host.
 
 The wave creates the limits it needs when they are missing (and sets them when
 `per_esxi_host` / `per_kvm_host` are given); change them in the UI under Concurrency.
@@ -31,6 +28,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import nullcontext
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
@@ -43,7 +41,6 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 from prefect.logging import get_logger
 from prefect.runtime import flow_run
@@ -52,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blocks import KvmCluster, VCenter
 from blocks.cache import loads_cached
+from flows.limits import ensure_limits, limit_name, slot
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
 from tasks.models import MigrationRequest, libvirt_name
@@ -62,12 +60,6 @@ DEFAULT_PER_ESXI_HOST = 20
 DEFAULT_PER_KVM_HOST = 2
 
 log = get_logger("v2k.wave")
-_BANNED = re.compile(r"[/%&<>\s]+")
-
-
-def limit_name(kind: Literal["esxi", "kvm"], host: str) -> str:
-    """Name of the global concurrency limit of one host: `v2k-esxi-H` or `v2k-kvm-H`."""
-    return f"v2k-{kind}-{_BANNED.sub('-', host)}"
 
 
 class WaveVm(BaseModel):
@@ -237,28 +229,6 @@ def resolve_vms(vcenter: str, items: list[WaveVm], name_glob: str | None) -> lis
     return find_vms(vcenter, items, name_glob)
 
 
-def ensure_limits(limits: dict[str, int | None], default: dict[str, int]) -> None:
-    """Create the global concurrency limits that are missing; set those given a value."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        for name, value in limits.items():
-            if value is not None:
-                client.upsert_global_concurrency_limit_by_name(name, value)
-                continue
-            try:
-                client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
-                try:
-                    client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=name, limit=default[name])
-                    )
-                except ObjectAlreadyExists:  # another wave made it meanwhile
-                    pass
-
-
 _SUMMARY_FIELDS = {
     "domain_name": re.compile(r"^\| domain \| `([^`]+)`", re.M),
     "import_host": re.compile(r"^\| import host \| (\S+) \|", re.M),
@@ -320,12 +290,10 @@ def migrate_one(
     started = time.monotonic()
     logger = get_run_logger()
     if esxi_host:
-        slot = concurrency(limit_name("esxi", esxi_host), occupy=1, strict=False)
+        held = slot(limit_name("esxi", esxi_host))
     else:
-        from contextlib import nullcontext
-
-        slot = nullcontext()
-    with slot:
+        held = nullcontext()
+    with held:
         logger.info("%s: starting migrate-vm (ESXi host %s)", label, esxi_host or "unknown")
         if deployment:
             state, run_id = _run_on_a_worker(request, deployment, key or "")

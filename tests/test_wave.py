@@ -19,13 +19,13 @@ from prefect.concurrency.sync import concurrency
 from pydantic import ValidationError
 
 import flows.wave as wave
+from flows.limits import limit_name
 from flows.wave import (
     ResolvedVm,
     WaveFailed,
     WaveFile,
     WaveSummary,
     WaveVm,
-    limit_name,
     migrate_wave,
 )
 from tasks.models import MigrationRequest, MigrationResult
@@ -56,9 +56,7 @@ def test_wave_file_items_and_overrides(tmp_path):
         WaveFile.load(tmp_path / "missing.yaml")
 
 
-def test_limit_names_and_interleave():
-    assert limit_name("esxi", "esx 1.example.com") == "v2k-esxi-esx-1.example.com"
-    assert limit_name("kvm", "bed-kvm1") == "v2k-kvm-bed-kvm1"
+def test_interleave_takes_the_esxi_hosts_in_turn():
     items = [
         ResolvedVm(item=WaveVm(vm=n), esxi_host=h)
         for n, h in [("a", "h0"), ("b", "h0"), ("c", "h0"), ("d", "h1"), ("e", None)]
