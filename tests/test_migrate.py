@@ -4,16 +4,27 @@ one real migration of the Debian guest, booted to its login prompt."""
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
 
 import libvirt
 import paramiko
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterName,
+    TaskRunFilterStartTime,
+)
+from prefect.concurrency.sync import concurrency
 
 from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage
+from flows.limits import ensure_limits, limit_name
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
 from tasks.hosts import HostSelectionError
@@ -203,13 +214,61 @@ def test_failed_conversion_leaves_nothing(bed_blocks, unchanged):
     assert state.is_failed()
     assert "virt-v2v exited 1: inspection could not detect" in str(state.message)
     # virt-v2v's own refusal is not retried: the same disk would fail the same way.
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert [r.run_count for r in runs if r.name.startswith("convert")] == [1]
+
+
+def _task_runs(flow_run_id) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+def test_a_kvm_host_cap_holds_the_conversion_until_a_slot_is_free(bed_blocks, unchanged):
+    kvm1 = bed_blocks["kvm1"]
+    cap = limit_name("kvm", kvm1)
+    ensure_limits({cap: 1}, {})
+    started = datetime.now(UTC)
+    holding, released = threading.Event(), []
+
+    def hold_the_only_slot() -> None:
+        # Held until the run below has exported (it then waits for the slot), and 1 s more.
+        with concurrency(cap, occupy=1, strict=True):
+            holding.set()
+            deadline = time.monotonic() + 120
+            while not _exported_since(started) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1)
+            released.append(datetime.now(UTC))
+
+    holder = threading.Thread(target=hold_the_only_slot)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        request = request_for(bed_blocks, "Prod/Web/web server 01", convert_host=kvm1)
+        state = migrate_vm(request, return_state=True)
+    finally:
+        holder.join()
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(cap)
+    # The synthetic disk has no OS: virt-v2v refuses it, after the wait.
+    assert state.is_failed() and "inspection could not detect" in str(state.message)
+    runs = _task_runs(state.state_details.flow_run_id)
+    (export,) = [r for r in runs if r.name.startswith("export-")]
+    (convert,) = [r for r in runs if r.name.startswith("convert")]
+    assert export.end_time < released[0] <= convert.start_time
+
+
+def _exported_since(since: datetime) -> bool:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            task_run_filter=TaskRunFilter(
+                name=TaskRunFilterName(like_="export-"),
+                start_time=TaskRunFilterStartTime(after_=since),
             )
         )
-    assert [r.run_count for r in runs if r.name.startswith("convert")] == [1]
+    return any(r.state and r.state.is_completed() for r in runs)
 
 
 @pytest.mark.slow
