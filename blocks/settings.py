@@ -13,7 +13,13 @@ class StagePolicy(BaseModel):
 
     retries: int = Field(default=0, ge=0, le=20, description="Retries after a transient fault.")
     retry_delay_seconds: float = Field(default=10, ge=0, description="Wait between retries.")
-    timeout_seconds: float = Field(gt=0, description="Time allowed for one try of the stage.")
+    timeout_seconds: float = Field(
+        gt=0,
+        description=(
+            "Time allowed for one try of the stage (Prefect's task timeout; in a wave the "
+            "stage is bounded by v2k's own limits instead, see the README)."
+        ),
+    )
 
 
 class MigrationSettings(LoadedOnce, Block):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -86,8 +87,21 @@ def _staged(fn, settings: MigrationSettings, stage: str):
     return fn.with_options(
         retries=policy.retries,
         retry_delay_seconds=policy.retry_delay_seconds,
-        timeout_seconds=policy.timeout_seconds,
+        timeout_seconds=policy.timeout_seconds if _can_interrupt() else None,
     )
+
+
+def _can_interrupt() -> bool:
+    """Whether Prefect's task timeout can stop a stage here: only on the main thread.
+
+    Prefect interrupts a synchronous task with a signal, which only the main thread gets.
+    In a thread (the runs of a wave), its timeout would fail a stage only once the stage
+    had finished, and log a warning per task, five per VM. There the stage is bounded by
+    v2k's own limits: the download deadline (the export's timeout), convert_timeout
+    (virt-v2v and ovftool are killed on the host), and the timeouts of every vCenter,
+    SSH and libvirt call.
+    """
+    return threading.current_thread() is threading.main_thread()
 
 
 @task(name="preflight", cache_policy=NO_CACHE, retry_condition_fn=transient_only)

@@ -25,7 +25,7 @@ from prefect.concurrency.sync import concurrency
 
 from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage
 from flows.limits import ensure_limits, limit_name
-from flows.migrate import migrate_vm
+from flows.migrate import _staged, migrate_vm, preflight_task
 from tasks import vcenter as vc
 from tasks.hosts import HostSelectionError
 from tasks.preflight import PreflightError
@@ -216,6 +216,20 @@ def test_failed_conversion_leaves_nothing(bed_blocks, unchanged):
     # virt-v2v's own refusal is not retried: the same disk would fail the same way.
     runs = _task_runs(state.state_details.flow_run_id)
     assert [r.run_count for r in runs if r.name.startswith("convert")] == [1]
+
+
+def test_stage_timeouts_are_given_to_prefect_where_it_can_interrupt():
+    settings = MigrationSettings()
+    assert _staged(preflight_task, settings, "preflight").timeout_seconds == 300
+    in_a_thread: list[float | None] = []
+    thread = threading.Thread(
+        target=lambda: in_a_thread.append(
+            _staged(preflight_task, settings, "preflight").timeout_seconds
+        )
+    )
+    thread.start()
+    thread.join()
+    assert in_a_thread == [None]
 
 
 def _task_runs(flow_run_id) -> list:
