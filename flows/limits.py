@@ -60,16 +60,14 @@ def slot(name: str, existing: set[str] | None = None) -> AbstractContextManager[
 def ensure_limits(limits: dict[str, int | None], default: dict[str, int]) -> None:
     """Create the global concurrency limits that are missing; set those given a value."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists
 
+    found = existing_limits({name for name, value in limits.items() if value is None})
     with get_client(sync_client=True) as client:
         for name, value in limits.items():
             if value is not None:
                 client.upsert_global_concurrency_limit_by_name(name, value)
-                continue
-            try:
-                client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
+            elif name not in found:
                 try:
                     client.create_global_concurrency_limit(
                         GlobalConcurrencyLimitCreate(name=name, limit=default[name])

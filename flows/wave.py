@@ -289,11 +289,7 @@ def migrate_one(
     """
     started = time.monotonic()
     logger = get_run_logger()
-    if esxi_host:
-        held = slot(limit_name("esxi", esxi_host))
-    else:
-        held = nullcontext()
-    with held:
+    with slot(limit_name("esxi", esxi_host)) if esxi_host else nullcontext():
         logger.info("%s: starting migrate-vm (ESXi host %s)", label, esxi_host or "unknown")
         if deployment:
             state, run_id = _run_on_a_worker(request, deployment, key or "")

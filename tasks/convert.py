@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from invoke.exceptions import CommandTimedOut
 
 from tasks import ssh
-from tasks.hosts import remote, run_quiet
+from tasks.hosts import remote, run_quiet, timed_out
 
 # virt-v2v's own steps in the order it prints them, so a step can be shown as a percent.
 STEPS = [
@@ -90,15 +90,6 @@ def wrapped_command(
         'wait $pid; rc=$?; kill -KILL -"$pid" 2>/dev/null; exit $rc'
     )
     return f"sh -c {shlex.quote(script)}"
-
-
-def timed_out(exited: int, elapsed: float, timeout_seconds: float) -> bool:
-    """Whether a command run under `timeout --kill-after` ended because its time was up.
-
-    124: `timeout` stopped it with TERM. 137 (KILL) is also what a command killed on the
-    host by someone else gives: only the time spent tells the two apart.
-    """
-    return exited == 124 or (exited == 137 and elapsed >= timeout_seconds)
 
 
 @dataclass

@@ -52,6 +52,15 @@ def run_quiet(conn, command: str | list[str], timeout: float):
     return conn.run(line, hide=True, warn=True, in_stream=False, timeout=timeout)
 
 
+def timed_out(exited: int, elapsed: float, timeout_seconds: float) -> bool:
+    """Whether a command run under `timeout --kill-after` ended because its time was up.
+
+    124: `timeout` stopped it with TERM. 137 (KILL) is also what a command killed on the
+    host by someone else gives: only the time spent tells the two apart.
+    """
+    return exited == 124 or (exited == 137 and elapsed >= timeout_seconds)
+
+
 def probe_host(
     name: str, host: KvmHost, timeout: float = 60, scratch: str | None = None
 ) -> HostProbe:

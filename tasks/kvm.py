@@ -261,8 +261,7 @@ def place_volume(
         KvmImportError: the pool is not a directory pool, the source is missing on the
             host, or the copy failed (the volume is deleted again).
     """
-    from tasks.convert import timed_out
-    from tasks.hosts import remote, run_quiet
+    from tasks.hosts import remote, run_quiet, timed_out
 
     kind = ET.fromstring(pool.XMLDesc(0)).get("type")
     if kind not in FILE_POOL_TYPES:

@@ -11,8 +11,8 @@ from urllib.parse import quote
 from invoke.watchers import Responder
 
 from blocks import VCenter
-from tasks.convert import kill_group, timed_out, wrapped_command
-from tasks.hosts import remote, run_quiet
+from tasks.convert import kill_group, wrapped_command
+from tasks.hosts import remote, run_quiet, timed_out
 from tasks.models import ExportedDisk, ExportResult, VmSpec
 
 _PERCENT = re.compile(r"(\d{1,3})%")

@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from tasks.convert import EventStream, step_percent, timed_out, virt_v2v_argv, wrapped_command
+from tasks.convert import EventStream, step_percent, virt_v2v_argv, wrapped_command
+from tasks.hosts import timed_out
 from tasks.models import libvirt_name
 
 HOSTILE = ["a b", "it's", "x;rm -rf /", "$(touch /tmp/pwned)", "`id`", "../../etc", "Ünïcødé"]
