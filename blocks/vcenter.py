@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,21 @@ from prefect.blocks.core import Block
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from blocks.cache import LoadedOnce
+
+# The ServiceContent of each open connection (by its SOAP stub), asked for once.
+_contents: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def service_content(si):
+    """The connection's ServiceContent (the managers: property collector, OVF, search).
+
+    pyvmomi's `si.RetrieveContent()` and `si.content` ask the server every time, one round
+    trip each; this asks once per connection.
+    """
+    content = _contents.get(si._stub)
+    if content is None:
+        content = _contents[si._stub] = si.RetrieveContent()
+    return content
 
 
 class VCenterError(RuntimeError):
@@ -103,7 +119,7 @@ class VCenter(LoadedOnce, Block):
             VCenterError: TLS verification failed, the login was refused, or the host
                 cannot be reached. The password never appears in the message.
         """
-        from pyVim.connect import Disconnect, SmartConnect
+        from pyVim.connect import SmartConnect
         from pyVmomi import vim
 
         try:
@@ -131,9 +147,10 @@ class VCenter(LoadedOnce, Block):
             yield si
         finally:
             try:
-                Disconnect(si)
+                service_content(si).sessionManager.Logout()
             except Exception:  # noqa: BLE001 - logging out of a dead session is not an error
                 pass
+            si._stub.DropConnections()
 
 
 class InlineVCenter(BaseModel):

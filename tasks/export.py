@@ -226,7 +226,7 @@ def _export_with_lease(
     total = spec.total_disk_bytes or 1
     threads = settings.download_threads(len(spec.disks))
     with vcenter.connect() as si:
-        vm = vc.find_vm(si, vc.datacenter(si, vcenter.datacenter), spec.moref)
+        vm = vc.vm_by_moref(si, spec.moref)
         with vc.export_lease(
             vm,
             progress=lambda: int(100 * _bytes_on_disk(directory) / total),
@@ -296,7 +296,7 @@ def _export_with_lease(
                 (device_id, disk.file_name, disk.bytes)
                 for (device_id, _, _), disk in zip(urls, disks, strict=True)
             ]
-            descriptor = vc.create_descriptor(si, vm, files)
+            descriptor = vc.create_descriptor(si, vm, spec.name, files)
     (directory / OVF_NAME).write_text(descriptor)
     return ExportResult(
         directory=str(directory), ovf=OVF_NAME, disks=disks, source_moref=spec.moref

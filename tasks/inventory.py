@@ -32,6 +32,7 @@ from typing import Literal
 
 from pyVmomi import SoapAdapter, VmomiSupport, vim, vmodl
 
+from blocks.vcenter import service_content
 from tasks.models import VmSummary
 from tasks.progress import human_bytes
 from tasks.vcenter import _count_snapshots, inventory_path
@@ -101,7 +102,7 @@ def retrieve_many(
     retrieval stopped half way is cancelled so the server frees its state.
     """
     pc = vmodl.query.PropertyCollector
-    content = si.RetrieveContent()
+    content = service_content(si)
     collector = content.propertyCollector
     view = content.viewManager.CreateContainerView(root, list(props), True)
     try:
@@ -301,7 +302,7 @@ def _nic_from_xml(device) -> _Nic:
 
 def _read_xml(si, root, page_size: int) -> list[_Plain]:
     pc = vmodl.query.PropertyCollector
-    content = si.RetrieveContent()
+    content = service_content(si)
     collector = content.propertyCollector
     stub = collector._stub
     view = content.viewManager.CreateContainerView(root, list(PROPS), True)

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from pyVmomi import vim, vmodl
 
+from blocks.vcenter import service_content
 from tasks.models import DiskSpec, NicSpec, VmSpec
 
 _MOREF = re.compile(r"^vm-\d+$")
@@ -27,7 +28,7 @@ def retrieve(
 
     One PropertyCollector call over a container view instead of a round trip per attribute.
     """
-    content = si.RetrieveContent()
+    content = service_content(si)
     view = content.viewManager.CreateContainerView(root, [obj_type], recursive)
     try:
         spec = vmodl.query.PropertyCollector.FilterSpec(
@@ -62,7 +63,7 @@ def retrieve(
 
 def datacenter(si, name: str | None) -> vim.Datacenter:
     """The datacenter by name, or the only one when name is None."""
-    found = retrieve(si, si.RetrieveContent().rootFolder, vim.Datacenter, ["name"])
+    found = retrieve(si, service_content(si).rootFolder, vim.Datacenter, ["name"])
     if name is not None:
         for obj, props in found:
             if props["name"] == name:
@@ -92,21 +93,30 @@ def inventory_path(obj) -> str:
     return "/" + "/".join(name.replace("/", "%2f") for name in inventory_names(obj))
 
 
+def vm_by_moref(si, moref: str) -> vim.VirtualMachine:
+    """The VM with this moref (`vm-42`), which needs no datacenter to find.
+
+    Raises:
+        SourceError: no VM has it (any more).
+    """
+    vm = vim.VirtualMachine(moref, si._stub)
+    try:
+        vm.name  # noqa: B018 - a read proves the moref exists
+    except vmodl.fault.ManagedObjectNotFound:
+        raise SourceError(f"no VM with moref {moref!r}") from None
+    return vm
+
+
 def find_vm(si, dc: vim.Datacenter, ref: str) -> vim.VirtualMachine:
     """Find one VM by moref, instance UUID, inventory path or name.
 
     Raises:
         SourceError: nothing matches, or a name matches several VMs (their paths listed).
     """
-    content = si.RetrieveContent()
+    content = service_content(si)
     ref = ref.strip()
     if _MOREF.match(ref):
-        vm = vim.VirtualMachine(ref, si._stub)
-        try:
-            vm.name  # noqa: B018 - a read proves the moref exists
-        except vmodl.fault.ManagedObjectNotFound:
-            raise SourceError(f"no VM with moref {ref!r}") from None
-        return vm
+        return vm_by_moref(si, ref)
     if _UUID.match(ref):
         vm = content.searchIndex.FindByUuid(dc, ref, vmSearch=True, instanceUuid=True)
         if vm is None:
@@ -187,7 +197,7 @@ def _count_snapshots(trees) -> int:
 
 def read_spec(si, vm: vim.VirtualMachine) -> VmSpec:
     """Read the full spec of a VM in one property retrieval."""
-    collector = si.RetrieveContent().propertyCollector
+    collector = service_content(si).propertyCollector
     props = [
         "name",
         "config",
@@ -275,7 +285,7 @@ def read_spec(si, vm: vim.VirtualMachine) -> VmSpec:
         tools_status=str(values.get("summary.guest.toolsStatus") or "") or None,
         change_version=config.changeVersion,
         host=host.name if host is not None else None,
-        standalone=si.content.about.apiType == "HostAgent",
+        standalone=service_content(si).about.apiType == "HostAgent",
     )
 
 
@@ -358,16 +368,18 @@ def disk_urls(lease: vim.HttpNfcLease, host: str, port: int) -> list[tuple[str, 
     return found
 
 
-def create_descriptor(si, vm: vim.VirtualMachine, files: list[tuple[str, str, int]]) -> str:
-    """The OVF descriptor of the VM for the given (device id, file path, size) list."""
+def create_descriptor(
+    si, vm: vim.VirtualMachine, name: str, files: list[tuple[str, str, int]]
+) -> str:
+    """The OVF descriptor of the VM, named `name`, for the (device id, file path, size) list."""
     params = vim.OvfManager.CreateDescriptorParams(
-        name=vm.name,
+        name=name,
         ovfFiles=[
             vim.OvfManager.OvfFile(deviceId=device_id, path=path, size=size)
             for device_id, path, size in files
         ],
     )
-    result = si.RetrieveContent().ovfManager.CreateDescriptor(obj=vm, cdp=params)
+    result = service_content(si).ovfManager.CreateDescriptor(obj=vm, cdp=params)
     if result.error:
         raise SourceError(f"CreateDescriptor failed: {result.error[0].msg}")
     return result.ovfDescriptor

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from prefect import flow
 from pyVmomi import vim, vmodl
+from pyVmomi.SoapAdapter import SoapStubAdapter
 
 from blocks import MigrationSettings, StagePolicy
 from tasks import vcenter as vc
@@ -204,6 +205,27 @@ def test_threads_on_ms_caps_the_downloads_on_the_wire(
     check_export(source, result, tmp_path)
     assert all(d.resumed_from == 0 for d in result.disks)
     assert check_lease_ended(source, lease, "done") is None
+
+
+def test_the_export_asks_for_the_service_content_once_and_logs_out(
+    source: Source, lease: SeenLease, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Every vCenter call is a round trip; a real vCenter answers in milliseconds, not the
+    # simulator's fraction of one.
+    calls: list[str] = []
+    real = SoapStubAdapter.InvokeMethod
+
+    def counted(self, mo, info, args, outerStub=None):  # noqa: N803 - pyvmomi's name
+        calls.append(info.name)
+        return real(self, mo, info, args, outerStub)
+
+    monkeypatch.setattr(SoapStubAdapter, "InvokeMethod", counted)
+    directory = tmp_path / "out"
+    check_export(source, export(source, directory, settings(threads=0)), directory)
+    # pyvmomi's login asks for it once, v2k once more for the whole session.
+    assert calls.count("RetrieveContent") == 2
+    assert calls.count("CreateContainerView") == 0  # no datacenter lookup for a moref
+    assert calls[-1] == "Logout" and calls.count("Logout") == 1
 
 
 def test_a_cut_connection_resumes_from_the_bytes_reached(

@@ -259,7 +259,8 @@ def test_pyvmomi_reader_follows_pages_too(monkeypatch):
         viewManager=NS(CreateContainerView=lambda root, types, recursive: view),
     )
     monkeypatch.setattr(inv, "_filter_spec", lambda view, props: "spec")
-    si = NS(RetrieveContent=lambda: content)
+    # A connection's SOAP stub keys its cached ServiceContent.
+    si = NS(RetrieveContent=lambda: content, _stub=type("Stub", (), {})())
     found = inv.retrieve_many(si, "root", {}, page_size=2)
     assert found == [("a", {"name": "A"}), ("b", {"name": "B"})]
     assert collector.calls == [("first", 2), ("next", "t1"), ("destroy",)]
