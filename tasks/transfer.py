@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import fcntl
 import hashlib
 import http.client
@@ -23,13 +22,14 @@ import queue
 import re
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from tasks.tls import read_ahead
 
 CHUNK = 8 << 20
 """Bytes read from the network per call, handed to the writer's threads in one buffer.
@@ -390,63 +390,6 @@ def _context(ssl_context: ssl.SSLContext | bool) -> ssl.SSLContext:
             context.verify_mode = ssl.CERT_NONE
     read_ahead(context)
     return context
-
-
-_SSL_CTRL_GET_READ_AHEAD = 40
-_SSL_CTRL_SET_READ_AHEAD = 41
-# OpenSSL's SSL_VERIFY_* flags for each of Python's verify modes.
-_VERIFY_FLAGS = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
-
-
-def _openssl_ctx(context: ssl.SSLContext) -> tuple[ctypes.CDLL, int] | None:
-    """The OpenSSL library Python's `ssl` uses and the `SSL_CTX *` behind `context`.
-
-    None where that cannot be had for sure: not CPython, `_ssl` built into the
-    interpreter, or a pointer whose options and verify mode are not the context's.
-    """
-    import _ssl
-
-    path = getattr(_ssl, "__file__", None)
-    if sys.implementation.name != "cpython" or not path:
-        return None
-    try:
-        # dlsym on the extension's handle also finds the libssl it is linked with.
-        lib = ctypes.CDLL(path)
-        get_options = lib.SSL_CTX_get_options
-        get_verify_mode = lib.SSL_CTX_get_verify_mode
-        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        lib.SSL_CTX_ctrl.restype = ctypes.c_long
-    except (OSError, AttributeError):
-        return None
-    get_options.argtypes = get_verify_mode.argtypes = [ctypes.c_void_p]
-    get_options.restype, get_verify_mode.restype = ctypes.c_uint64, ctypes.c_int
-    # CPython's SSLContext object: the object header, then the SSL_CTX pointer.
-    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
-    if not pointer:
-        return None
-    same = (
-        get_options(pointer) == context.options
-        and get_verify_mode(pointer) == _VERIFY_FLAGS[context.verify_mode]
-    )
-    return (lib, pointer) if same else None
-
-
-def read_ahead(context: ssl.SSLContext) -> bool:
-    """Let OpenSSL read TLS records ahead, many per system call; True if it is on.
-
-    Python's `ssl` has no switch for OpenSSL's read-ahead, so without it every 16 KiB
-    record of a disk costs two `read` calls (its header, then its body): 130,000 per
-    GiB. With it, one call takes whatever the socket holds, up to OpenSSL's buffer: the
-    network loop, which bounds a single disk's download, needs about 3 % less time
-    (docs/benchmarks.md). The setting is OpenSSL's, through the library Python's own
-    `ssl` module is linked with; where that cannot be reached safely, nothing changes.
-    """
-    found = _openssl_ctx(context)
-    if found is None:
-        return False
-    lib, pointer = found
-    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_READ_AHEAD, 1, None)
-    return lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_READ_AHEAD, 0, None) == 1
 
 
 def download(
