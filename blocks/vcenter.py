@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import ssl
 import weakref
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,39 @@ def service_content(si):
     if content is None:
         content = _contents[si._stub] = si.RetrieveContent()
     return content
+
+
+# The vSphere API version each (host, port) speaks, found by this process's first login.
+_api_versions: dict[tuple[str, int], str] = {}
+
+
+def _api_version(host: str, port: int, context: ssl.SSLContext, timeout: float) -> str | None:
+    """The newest vSphere API version that both pyvmomi and the server know.
+
+    Read from the server's `/sdk/vimServiceVersions.xml`, as pyvmomi's `SmartConnect`
+    does, but with a timeout: pyvmomi reads it without one, so a vCenter that accepts
+    connections and never answers would hold the run forever. None when the server has
+    no such document (old ESXi) or shares no version with pyvmomi.
+    """
+    from pyVmomi.VmomiSupport import GetServiceVersions, versionIdMap
+
+    connection = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
+    try:
+        connection.request("GET", "/sdk/vimServiceVersions.xml")
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    try:
+        root = ET.fromstring(body) if response.status == 200 else None
+    except ET.ParseError:
+        root = None
+    if root is None or root.tag != "namespaces" or root.get("version") != "1.0":
+        return None
+    offered = {v.text for v in root.iterfind("namespace/version")}
+    offered |= {v.text for v in root.iterfind("namespace/priorVersions/version")}
+    # pyvmomi's versions come newest first.
+    return next((v for v in GetServiceVersions("vim25") if versionIdMap[v] in offered), None)
 
 
 class VCenterError(RuntimeError):
@@ -111,26 +146,47 @@ class VCenter(LoadedOnce, Block):
             raise VCenterError(f"ca_cert {self.ca_cert!r} is neither PEM text nor a readable file")
         return ssl.create_default_context(cafile=str(path))
 
+    def _no_answer(self) -> VCenterError:
+        return VCenterError(
+            f"vCenter {self.host}:{self.port} did not answer within {self.timeout:g} s "
+            "(the VCenter block's timeout)"
+        )
+
     @contextmanager
     def connect(self) -> Iterator[object]:
         """Connect with pyvmomi and hand out the ServiceInstance; log out afterwards.
 
+        Every call to vCenter, the first included, gives up after `timeout` seconds without
+        an answer.
+
         Raises:
-            VCenterError: TLS verification failed, the login was refused, or the host
-                cannot be reached. The password never appears in the message.
+            VCenterError: TLS verification failed, the login was refused, the host cannot
+                be reached or did not answer in time. The password never appears in the
+                message.
         """
-        from pyVim.connect import SmartConnect
+        from pyVim.connect import Connect, SmartConnect
         from pyVmomi import vim
 
+        context = self.ssl_context()
+        login = {
+            "host": self.host,
+            "port": self.port,
+            "user": self.username,
+            "pwd": self.password.get_secret_value(),
+            "sslContext": context,
+            # The socket timeout of every SOAP call.
+            "httpConnectionTimeout": self.timeout,
+        }
         try:
-            si = SmartConnect(
-                host=self.host,
-                port=self.port,
-                user=self.username,
-                pwd=self.password.get_secret_value(),
-                sslContext=self.ssl_context(),
-                connectionPoolTimeout=int(self.timeout),
+            version = _api_versions.get((self.host, self.port)) or _api_version(
+                self.host, self.port, context, self.timeout
             )
+            if version:
+                si = Connect(**login, version=version)
+                _api_versions[(self.host, self.port)] = version
+            else:
+                # pyvmomi also knows older servers (vimService.wsdl); its probe has no timeout.
+                si = SmartConnect(**login)
         except ssl.SSLCertVerificationError as exc:
             raise VCenterError(
                 f"TLS verification of {self.host}:{self.port} failed ({exc.verify_message}). "
@@ -141,7 +197,14 @@ class VCenter(LoadedOnce, Block):
                 f"vCenter {self.host}:{self.port} refused the login of {self.username!r}: "
                 "check the user name and password in the VCenter block"
             ) from None
-        except OSError as exc:
+        except TimeoutError:
+            raise self._no_answer() from None
+        except vim.fault.HostConnectFault as exc:
+            # pyvmomi's name for a socket error in a SOAP call, a timeout among them.
+            if "timed out" in str(exc.msg):
+                raise self._no_answer() from None
+            raise VCenterError(f"cannot reach vCenter {self.host}:{self.port}: {exc.msg}") from None
+        except (OSError, http.client.HTTPException) as exc:
             raise VCenterError(f"cannot reach vCenter {self.host}:{self.port}: {exc}") from None
         try:
             yield si

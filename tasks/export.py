@@ -177,7 +177,13 @@ def _new_lease_helps(task, task_run, state) -> bool:
         state.result()
     except TransferError as exc:
         return exc.status is None  # connections kept breaking, nothing refused
-    except (LeaseLost, VCenterError, HTTPException, vim.fault.NotAuthenticated):
+    except (
+        LeaseLost,
+        VCenterError,
+        HTTPException,
+        vim.fault.NotAuthenticated,
+        vim.fault.HostConnectFault,
+    ):
         return True
     except StorageFull:
         return False

@@ -1,10 +1,20 @@
+import http.client
+import socket
+import ssl
+import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
 from pydantic import ValidationError
 
+import blocks.vcenter
 from blocks import KvmCluster, KvmHost, KvmHostError, MigrationSettings, TemporaryStorage, VCenter
+from blocks.vcenter import VCenterError, service_content
+from testbed.certs import make_certs
+from testbed.vcsim import VcSim
 
 SECRET = "s3cr3t-" + uuid.uuid4().hex
 
@@ -132,3 +142,85 @@ def test_block_register_module(prefect_harness):
     with get_client(sync_client=True) as client:
         slugs = {bt.slug for bt in client.read_block_types()}
     assert {"v2k-vcenter", "v2k-kvm-host", "v2k-kvm-cluster"} <= slugs
+
+
+VERSIONS = b"""<?xml version="1.0" encoding="UTF-8"?>
+<namespaces version="1.0"><namespace><name>urn:vim25</name><version>6.5</version>
+<priorVersions><version>6.0</version></priorVersions></namespace></namespaces>"""
+ANSWER_PROBE = {"on": False}  # whether the silent vCenter answers the version probe
+
+
+@pytest.fixture(scope="module")
+def silent_vcenter(tmp_path_factory: pytest.TempPathFactory):
+    """A TLS server that answers the API version probe when its path says so, and
+    otherwise reads the request and never answers; yields (port, CA file)."""
+    certs = make_certs(tmp_path_factory.mktemp("silent-vcenter"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs.cert, certs.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+                tls = context.wrap_socket(conn, server_side=True)
+                request = tls.recv(65536)
+            except OSError:
+                if listener.fileno() == -1:
+                    return
+                continue
+            if request.startswith(b"GET /sdk/vimServiceVersions.xml") and ANSWER_PROBE["on"]:
+                head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(VERSIONS)
+                tls.sendall(head + VERSIONS)
+            held.append(tls)  # open and silent
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1], certs.ca_cert
+    listener.close()
+    for tls in held:
+        tls.close()
+
+
+@pytest.mark.parametrize("stage", ["version probe", "login"])
+def test_a_vcenter_that_never_answers_fails_within_the_timeout(
+    silent_vcenter, monkeypatch: pytest.MonkeyPatch, stage: str
+):
+    port, ca = silent_vcenter
+    monkeypatch.setitem(ANSWER_PROBE, "on", stage == "login")
+    vcenter = VCenter(
+        host="127.0.0.1", port=port, username="u", password=SECRET, ca_cert=str(ca), timeout=1
+    )
+    started = time.monotonic()
+    with pytest.raises(VCenterError, match=rf"127\.0\.0\.1:{port} did not answer within 1 s"):
+        with vcenter.connect():
+            pass
+    assert time.monotonic() - started < 10
+
+
+def test_the_api_version_is_asked_once_per_vcenter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from pyVmomi.VmomiSupport import versionIdMap
+
+    probes = []
+    real = http.client.HTTPSConnection.request
+
+    def counted(self, method, url, *args, **kwargs):
+        probes.append(url) if url.endswith("vimServiceVersions.xml") else None
+        return real(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(http.client.HTTPSConnection, "request", counted)
+    with VcSim(tmp_path / "vcsim") as sim:
+        vcenter = VCenter(
+            host=sim.host,
+            port=sim.port,
+            username=sim.user,
+            password=sim.password,
+            ca_cert=str(sim.ca_cert),
+        )
+        for _ in range(2):
+            with vcenter.connect() as si:
+                assert service_content(si).about.apiVersion
+        version = blocks.vcenter._api_versions[(sim.host, sim.port)]
+    assert len(probes) == 1
+    # The simulator offers 6.5 and older: the newest of those pyvmomi knows.
+    assert versionIdMap[version] == "6.5"

@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -25,7 +26,14 @@ from pyVmomi.SoapAdapter import SoapStubAdapter
 
 from blocks import MigrationSettings, StagePolicy
 from tasks import vcenter as vc
-from tasks.export import OVF_NAME, disk_file_name, run_export
+from tasks.export import (
+    OVF_NAME,
+    LeaseLost,
+    StorageFull,
+    _new_lease_helps,
+    disk_file_name,
+    run_export,
+)
 from tasks.models import ExportResult, VmSpec
 from tasks.transfer import TAIL_CHECK, TransferError
 from testbed.bed import TestBed
@@ -372,3 +380,30 @@ def test_the_export_is_a_task_of_the_flow_run_with_a_download_task_per_disk(
         )
     progress = {a.key: a.data for a in artifacts if a.type == "progress"}
     assert progress == {f"{run_key}-disk-{i}": 100.0 for i in range(DISKS)}
+
+
+def _raises(error: BaseException):
+    def result():
+        raise error
+
+    return result
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        # A SOAP call that timed out or found vCenter gone (pyvmomi's fault for both).
+        (vim.fault.HostConnectFault(msg="The read operation timed out"), True),
+        (vim.fault.NotAuthenticated(), True),
+        (LeaseLost("gone"), True),
+        (TransferError("connections kept breaking"), True),
+        (TransferError("refused", status=403), False),
+        (StorageFull("full"), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_the_export_asks_for_a_new_lease_after_what_a_new_session_can_cure(
+    error: BaseException, retried: bool
+):
+    state = SimpleNamespace(result=_raises(error))
+    assert _new_lease_helps(None, None, state) is retried
