@@ -146,11 +146,30 @@ class VCenter(LoadedOnce, Block):
             raise VCenterError(f"ca_cert {self.ca_cert!r} is neither PEM text nor a readable file")
         return ssl.create_default_context(cafile=str(path))
 
-    def _no_answer(self) -> VCenterError:
-        return VCenterError(
-            f"vCenter {self.host}:{self.port} did not answer within {self.timeout:g} s "
-            "(the VCenter block's timeout)"
-        )
+    def _connect_error(self, exc: BaseException) -> VCenterError:
+        """What a failed connection means, in terms of the block's settings."""
+        from pyVmomi import vim
+
+        where = f"{self.host}:{self.port}"
+        if isinstance(exc, vim.fault.HostConnectFault) and exc.__context__ is not None:
+            # pyvmomi's log-in wraps the error of its first call, which is the context.
+            exc = exc.__context__
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return VCenterError(
+                f"TLS verification of {where} failed ({exc.verify_message}). Give the "
+                "vCenter CA in the block's ca_cert, or set verify_tls=False explicitly."
+            )
+        if isinstance(exc, vim.fault.InvalidLogin):
+            return VCenterError(
+                f"vCenter {where} refused the login of {self.username!r}: check the user "
+                "name and password in the VCenter block"
+            )
+        if isinstance(exc, TimeoutError):
+            return VCenterError(
+                f"vCenter {where} did not answer within {self.timeout:g} s (the VCenter "
+                "block's timeout)"
+            )
+        return VCenterError(f"cannot reach vCenter {where}: {getattr(exc, 'msg', None) or exc}")
 
     @contextmanager
     def connect(self) -> Iterator[object]:
@@ -187,25 +206,13 @@ class VCenter(LoadedOnce, Block):
             else:
                 # pyvmomi also knows older servers (vimService.wsdl); its probe has no timeout.
                 si = SmartConnect(**login)
-        except ssl.SSLCertVerificationError as exc:
-            raise VCenterError(
-                f"TLS verification of {self.host}:{self.port} failed ({exc.verify_message}). "
-                "Give the vCenter CA in the block's ca_cert, or set verify_tls=False explicitly."
-            ) from None
-        except vim.fault.InvalidLogin:
-            raise VCenterError(
-                f"vCenter {self.host}:{self.port} refused the login of {self.username!r}: "
-                "check the user name and password in the VCenter block"
-            ) from None
-        except TimeoutError:
-            raise self._no_answer() from None
-        except vim.fault.HostConnectFault as exc:
-            # pyvmomi's name for a socket error in a SOAP call, a timeout among them.
-            if "timed out" in str(exc.msg):
-                raise self._no_answer() from None
-            raise VCenterError(f"cannot reach vCenter {self.host}:{self.port}: {exc.msg}") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise VCenterError(f"cannot reach vCenter {self.host}:{self.port}: {exc}") from None
+        except (
+            OSError,
+            http.client.HTTPException,
+            vim.fault.InvalidLogin,
+            vim.fault.HostConnectFault,
+        ) as exc:
+            raise self._connect_error(exc) from None
         try:
             yield si
         finally:

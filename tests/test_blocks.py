@@ -221,6 +221,12 @@ def test_the_api_version_is_asked_once_per_vcenter(tmp_path: Path, monkeypatch: 
             with vcenter.connect() as si:
                 assert service_content(si).about.apiVersion
         version = blocks.vcenter._api_versions[(sim.host, sim.port)]
+        # Without the probe, the TLS check comes in pyvmomi's log-in: still named as such.
+        other_ca = make_certs(tmp_path / "other").ca_cert
+        untrusting = vcenter.model_copy(update={"ca_cert": str(other_ca)})
+        with pytest.raises(VCenterError, match="TLS verification of .* failed"):
+            with untrusting.connect():
+                pass
     assert len(probes) == 1
     # The simulator offers 6.5 and older: the newest of those pyvmomi knows.
     assert versionIdMap[version] == "6.5"
