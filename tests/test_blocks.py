@@ -205,7 +205,8 @@ def test_the_api_version_is_asked_once_per_vcenter(tmp_path: Path, monkeypatch: 
     real = http.client.HTTPSConnection.request
 
     def counted(self, method, url, *args, **kwargs):
-        probes.append(url) if url.endswith("vimServiceVersions.xml") else None
+        if url.endswith("vimServiceVersions.xml"):
+            probes.append(url)
         return real(self, method, url, *args, **kwargs)
 
     monkeypatch.setattr(http.client.HTTPSConnection, "request", counted)
