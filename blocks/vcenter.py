@@ -196,13 +196,12 @@ class VCenter(LoadedOnce, Block):
             # The socket timeout of every SOAP call.
             "httpConnectionTimeout": self.timeout,
         }
+        server = (self.host, self.port)
         try:
-            version = _api_versions.get((self.host, self.port)) or _api_version(
-                self.host, self.port, context, self.timeout
-            )
+            version = _api_versions.get(server) or _api_version(*server, context, self.timeout)
             if version:
                 si = Connect(**login, version=version)
-                _api_versions[(self.host, self.port)] = version
+                _api_versions[server] = version
             else:
                 # pyvmomi also knows older servers (vimService.wsdl); its probe has no timeout.
                 si = SmartConnect(**login)

@@ -113,10 +113,10 @@ def find_vm(si, dc: vim.Datacenter, ref: str) -> vim.VirtualMachine:
     Raises:
         SourceError: nothing matches, or a name matches several VMs (their paths listed).
     """
-    content = service_content(si)
     ref = ref.strip()
     if _MOREF.match(ref):
         return vm_by_moref(si, ref)
+    content = service_content(si)
     if _UUID.match(ref):
         vm = content.searchIndex.FindByUuid(dc, ref, vmSearch=True, instanceUuid=True)
         if vm is None:
