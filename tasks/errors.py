@@ -1,0 +1,61 @@
+"""One error model: every failure v2k raises on purpose says whether waiting helps.
+
+- `Refused`: the user must act (a wrong password, a missing pool, a taken name). Retrying
+  cannot help and can hurt (a locked-out account), so it is never retried.
+- `Transient`: the fault may pass by itself (a dropped connection, a busy host). Retried.
+
+Both carry the fix in their message. `retry_condition` is the one `retry_condition_fn`
+that every stage uses; errors from libraries (sockets, libvirt, pyvmomi) that are not
+known to be refusals count as transient.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class V2kError(Exception):
+    """Base of v2k's own errors: a message and, where one is known, the fix."""
+
+    retry: ClassVar[bool] = True
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        self.message = message
+        self.fix = fix
+        super().__init__(f"{message} Fix: {fix}" if fix else message)
+
+
+class Refused(V2kError):
+    """The user must change something first; never retried."""
+
+    retry = False
+
+
+class Transient(V2kError):
+    """A fault that may pass by waiting; retried by the stage's policy."""
+
+    retry = True
+
+
+def _refusals_from_libraries() -> tuple[type[BaseException], ...]:
+    """Library errors that no retry can fix (imported lazily: they are heavy)."""
+    from pydantic import ValidationError
+    from pyVmomi import vim
+
+    return (ValidationError, vim.fault.InvalidLogin, vim.fault.NoPermission)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry may help after `exc` (see the module doc)."""
+    if isinstance(exc, V2kError):
+        return exc.retry
+    return not isinstance(exc, _refusals_from_libraries())
+
+
+def retry_condition(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry transient failures only."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - classified, not handled
+        return is_transient(exc)
+    return True
