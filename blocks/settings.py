@@ -82,6 +82,11 @@ class MigrationSettings(LoadedOnce, Block):
     boot_timeout: float = Field(
         default=600, gt=0, description="Seconds to wait for a login prompt in the boot check."
     )
+    keep_exports_hours: float = Field(
+        default=24,
+        gt=0,
+        description="Hours a kept export (reuse_exports) may be reused before it is removed.",
+    )
     preflight: StagePolicy = Field(
         default_factory=lambda: StagePolicy(retries=2, timeout_seconds=300),
         description="Reading the VM and checking the rules.",

@@ -52,20 +52,21 @@ class RunStateError(RuntimeError):
     """The run is in a state that does not allow what was asked."""
 
 
-def read_stopped(flow_run_id: str | UUID, force: bool = False):
+def read_stopped(flow_run_id: str | UUID, force: bool = False, cleanup: bool = False):
     """The flow run, when it has stopped (crashed, failed, cancelled), for resume or
     cleanup. A run shown RUNNING whose worker died needs `force`: only the user knows
-    that its process is gone.
+    that its process is gone. With `cleanup`, a completed run is accepted too: its
+    cleanup may have been incomplete (its ledger says what is left).
 
     Raises:
-        RunStateError: the run completed, or still runs and `force` is not set.
+        RunStateError: the run completed (for resume), or still runs and `force` is not set.
     """
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(UUID(str(flow_run_id)))
     kind = run.state.type.value if run.state else None
-    if kind == "COMPLETED":
+    if kind == "COMPLETED" and not cleanup:
         raise RunStateError(f"flow run {flow_run_id} completed: nothing to resume or clean up")
     if kind not in FINAL and not force:
         raise RunStateError(f"flow run {flow_run_id} is {kind}; if its worker is gone, add --force")

@@ -374,20 +374,25 @@ def cleanup(
         False, "--force", help="Also a run still shown running whose worker is gone."
     ),
 ) -> None:
-    """Remove what a crashed migration kept for resuming: its clone, temporary files,
-    half-imported domains and volumes.
+    """Remove what a migration left: what a crashed run kept for resuming (its clone,
+    temporary files, half-imported domains and volumes), or what a run could not remove
+    when it ended. Only what the run's ledger lists and what carries its mark is touched.
 
     Example: v2k cleanup 0f3c9a6e-...
     """
-    from deployments.runs import EXIT_USAGE, RunStateError, read_stopped
-    from flows.migrate import cleanup_flow_run
+    from deployments.runs import EXIT_FAILED, EXIT_USAGE, RunStateError, read_stopped
+    from flows.cleanup import cleanup_flow_run
 
     try:
-        run = read_stopped(run_id, force)
+        run = read_stopped(run_id, force, cleanup=True)
     except RunStateError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(EXIT_USAGE) from None
-    cleanup_flow_run(run)
+    left = cleanup_flow_run(run)
+    if left:
+        for line in left:
+            console.print(f"[red]may be left:[/red] {line}")
+        raise typer.Exit(EXIT_FAILED)
     console.print(f"cleaned up after {run.name} ({run.id})")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import uuid
@@ -11,10 +10,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import FlowRun
-from prefect.exceptions import MissingContextError
-from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import flow_run, task_run
+from prefect.states import Completed
 from pydantic import ValidationError
 
 from blocks import (
@@ -27,10 +24,21 @@ from blocks import (
 )
 from blocks.cache import loads_cached
 from blocks.vcenter import VCenterError
+from flows.cleanup import (
+    CleanupIncomplete,
+    by_block_name,
+    cleanup_flow_run,  # noqa: F401 - `v2k cleanup` and older callers import it from here
+    cleanup_hook,
+    cleanup_imported,
+    cleanup_run,
+    inline_block_name,
+    keep_for_resume,
+    run_id_of,
+)
 from flows.limits import existing_limits, limit_name, slot
 from tasks import events, kvm, resume, ssh
 from tasks import vcenter as vc
-from tasks.cleanup import remove_tree, remove_tree_on_host
+from tasks.cleanup import remove_tree
 from tasks.convert import ConvertRefused, convert_vm
 from tasks.export import run_export
 from tasks.guestos import choose_osinfo
@@ -47,14 +55,15 @@ from tasks.models import (
     VmSpec,
 )
 from tasks.ovftool import exported_from_manifest, exported_on_host, run_ovftool
+from tasks.ownership import Ledger, Owned, reserve, source_key, target_key
 from tasks.preflight import (
     BlockNotFound,
     Preflight,
     PreflightError,
+    check,
     disk_pools,
     host_rules,
     load_blocks,
-    preflight,
     refuse_critical,
     storage_rules,
 )
@@ -105,11 +114,15 @@ def _can_interrupt() -> bool:
 
 
 @task(name="preflight", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
-def preflight_task(request: MigrationRequest) -> Preflight:
+def preflight_task(request: MigrationRequest, run_id: str) -> Preflight:
+    flow_run_id = str(flow_run.get_id() or "")
     # On a retry, domains this flow run defined are its own, not a name conflict; a first
     # try has none, and skips reading every domain's XML on every host.
-    retried = flow_run.run_count > 1
-    checked = preflight(request, flow_run_id=str(flow_run.get_id()) if retried else None)
+    checked = check(request, flow_run_id=flow_run_id if flow_run.run_count > 1 else None)
+    # Reserved before any rule passes: a second run for the target or the source VM is
+    # refused here, naming the run that holds it.
+    reserve_run(request, checked, run_id, flow_run_id, flow_run.get_name() or "")
+    refuse_critical(checked.concerns)
     logger = get_run_logger()
     for warning in checked.warnings:
         logger.warning(warning)
@@ -127,10 +140,33 @@ def preflight_task(request: MigrationRequest) -> Preflight:
     return checked
 
 
-@task(name="select-hosts", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+def reserve_run(
+    request: MigrationRequest, checked: Preflight, run_id: str, flow_run_id: str, name: str
+) -> None:
+    """Reserve the run's target and source VM (tasks/ownership.py); raise Reserved if taken."""
+    spec = checked.spec
+    vcenter = spec.vcenter_uuid or f"{VCenter.load(request.vcenter).host}"
+    keys = [
+        target_key(request.cluster, checked.target_name),
+        source_key(vcenter, spec.instance_uuid or spec.moref),
+    ]
+    ledger = Ledger(run_id)
+    for key in keys:
+        ledger.record(Owned(kind="reservation", name=key))
+        reserve(key, flow_run_id, name)
+
+
+@task(name="select-hosts", retry_condition_fn=transient_only, **resumable("run_id"))
 def select_hosts_task(
-    request: MigrationRequest, spec: VmSpec, use_ovftool: bool = True
+    request: MigrationRequest,
+    spec: VmSpec,
+    use_ovftool: bool = True,
+    run_id: str = "",
+    resume_token: str | None = None,
 ) -> HostChoice:
+    """Probe the cluster's hosts and choose them. The choice is persisted with the run
+    (keyed on its id): a resumed run uses the same hosts, since what they hold locally
+    (exports, conversions) is keyed on them too."""
     cluster = KvmCluster.load(request.cluster)
     if not cluster.enabled:
         raise HostSelectionError(f"cluster {request.cluster!r} is disabled")
@@ -164,7 +200,7 @@ def _local_scratch(storage: TemporaryStorage) -> str | None:
 @task(
     name="export-ovftool",
     retry_condition_fn=transient_only,
-    **resumable("spec.instance_uuid", "spec.change_version", "directory"),
+    **resumable("spec.data_version", "directory", "host_name"),
 )
 def ovftool_export_task(
     request: MigrationRequest,
@@ -200,7 +236,7 @@ def ovftool_export_task(
 @task(
     name="convert",
     retry_condition_fn=transient_only,
-    **resumable("exported", "target", "out_dir"),
+    **resumable("exported", "target", "out_dir", "host_name"),
 )
 def convert_task(
     request: MigrationRequest,
@@ -253,7 +289,7 @@ def convert_task(
 @task(
     name="import",
     retry_condition_fn=transient_only,
-    **resumable("converted", "target"),
+    **resumable("converted", "target", "host_name"),
 )
 def import_task(
     request: MigrationRequest,
@@ -262,12 +298,16 @@ def import_task(
     host_name: str,
     target: str,
     run_key: str,
+    run_id: str,
     resume_token: str | None = None,
 ) -> ImportResult:
     logger = get_run_logger()
-    if flow_run.run_count > 1:
-        # A retried run: an import that did not finish (the worker died in it) goes first.
-        _remove_run_domains(request, str(flow_run.get_id() or ""), logger)
+    flow_run_id = str(flow_run.get_id() or "")
+    ledger = Ledger(run_id)
+    if flow_run.run_count > 1 or task_run.run_count > 1:
+        # An import that did not finish (its worker died, a libvirt call failed after a
+        # volume was made) goes first: what the ledger lists, with this run's mark only.
+        cleanup_imported(request, run_id, flow_run_id, logger)
     cluster = KvmCluster.load(request.cluster)
     storage = TemporaryStorage.load(request.temporary_storage)
     host = KvmHost.load(host_name)
@@ -286,10 +326,7 @@ def import_task(
             f"import host {host_name}: {exc} (is libvirtd running there?)"
         ) from None
     try:
-        if flow_run.run_count > 1 or task_run.run_count > 1:
-            # An earlier try may have made a volume and failed before it could delete it.
-            for leftover in kvm.remove_leftover_volumes(conn, target, pools):
-                logger.warning("removed %s, left by an earlier try of this import", leftover)
+        ledger.record(Owned(kind="domain", name=target, host=host_name))
         with ssh.connection(host) as host_conn:
             dom, volumes, dom_type = kvm.import_disks_and_define(
                 conn,
@@ -304,7 +341,8 @@ def import_task(
                     "vm": spec.inventory_path,
                     "moref": spec.moref,
                     "instance-uuid": spec.instance_uuid or "",
-                    "flow-run": str(flow_run.get_id() or ""),
+                    "flow-run": flow_run_id,
+                    "run-id": run_id,
                 },
                 on_progress=progress.bytes,
                 wanted_type=host.domain_type,
@@ -312,6 +350,10 @@ def import_task(
                 # Local temporary storage: the disks are on this host only, copied there.
                 on_host=not storage.shared,
                 timings=timings,
+                run_id=run_id,
+                on_create=lambda pool, volume: ledger.record(
+                    Owned(kind="volume", name=volume, host=host_name, place=pool)
+                ),
             )
         result = ImportResult(
             domain_name=dom.name(),
@@ -370,6 +412,7 @@ def prepare_source_task(
     )
     vcenter = VCenter.load(request.vcenter)
     name = clone_name(run_id)
+    Ledger(run_id).record(Owned(kind="clone", name=name))
     with vcenter.connect() as si:
         dc = vc.datacenter(si, vcenter.datacenter)
         vm = vc.find_vm(si, dc, spec.moref)
@@ -384,167 +427,54 @@ def prepare_source_task(
         return vc.read_spec(si, clone)
 
 
-def cleanup_run(
-    request: MigrationRequest,
-    run_id: str,
-    flow_run_id: str,
-    failed: bool,
-    clone: bool = True,
-    logger: logging.Logger | logging.LoggerAdapter | None = None,
-) -> None:
-    """Remove what a run left: its clone and temporary files, and after a failure the
-    domains (with their volumes) that it defined. Safe to call more than once.
-
-    The flow calls it when it ends, its cancellation hook too (with the run's `logger`:
-    the runner runs hooks outside the run, where get_run_logger fails), and `v2k cleanup`
-    after a crash. `clone=False` (a run that ended well without cloning) skips the
-    vCenter session that looks for a clone.
-    """
-    logger = logger or _logger()
-    steps = [
-        ("temporary files", lambda: _remove_run_dir(request, run_id, logger)),
-        # What the stages persisted refers to what was just removed: not to be reused.
-        ("the resume token", lambda: resume.forget(run_id)),
-    ]
-    if clone:
-        steps.insert(0, ("the clone", lambda: _remove_clone(request, run_id, logger)))
-    if failed:
-        steps.append(("domains", lambda: _remove_run_domains(request, flow_run_id, logger)))
-    if request.vcenter == _inline_block_name(run_id):
-        steps.append(("the inline vCenter block", lambda: VCenter.delete(request.vcenter)))
-    for what, step in steps:
-        try:
-            step()
-        except Exception as exc:  # noqa: BLE001 - every step runs; each failure is reported
-            logger.error("cleanup of %s failed: %s", what, exc)
-
-
-def _remove_clone(request: MigrationRequest, run_id: str, logger) -> None:
-    vcenter = VCenter.load(request.vcenter)
-    with vcenter.connect() as si:
-        removed = remove_clones(si, vc.datacenter(si, vcenter.datacenter), clone_name(run_id))
-    for moref in removed:
-        logger.info("removed the clone %s (%s)", clone_name(run_id), moref)
-
-
-def _remove_run_dir(request: MigrationRequest, run_id: str, logger) -> None:
-    storage = TemporaryStorage.load(request.temporary_storage)
-    if storage.shared:
-        remove_tree(Path(storage.run_dir(run_id)), Path(storage.worker_path))
-    else:
-        _remove_run_dir_on_hosts(request, storage, run_id, logger)
-
-
-def _remove_run_dir_on_hosts(
-    request: MigrationRequest, storage: TemporaryStorage, run_id: str, logger
-) -> None:
-    """Local temporary storage: remove the run's directory over SSH on every enabled host.
-
-    Cleanup also runs from the crash and cancellation hooks, which do not know the host
-    that was chosen, and the directory's name is the run's own, so every host is asked.
-
-    Raises:
-        RuntimeError: a host could not be reached or the removal failed (each is named;
-            the other hosts are still cleaned).
-    """
-    path = storage.run_dir(run_id)
-    failed = []
-    for name, host in KvmCluster.load(request.cluster).load_hosts().items():
-        if not host.enabled:
-            continue
-        try:
-            with host.get_connection() as conn:
-                if remove_tree_on_host(conn, path, storage.host_dir):
-                    logger.info("removed %s on %s", path, name)
-        except Exception as exc:  # noqa: BLE001 - every host is tried; failures are reported
-            failed.append(f"{name}: {exc}")
-    if failed:
-        raise RuntimeError(f"{path} may be left on: " + "; ".join(failed))
-
-
-def _remove_run_domains(request: MigrationRequest, flow_run_id: str, logger) -> None:
-    seen: set[str] = set()
-    for name, host in KvmCluster.load(request.cluster).load_hosts().items():
-        try:
-            uri = host.get_libvirt_uri()
-            if uri in seen:
-                continue
-            seen.add(uri)
-            conn = kvm.open_connection(uri)
-        except Exception as exc:  # noqa: BLE001 - an unreachable host had no domain of ours
-            logger.info("cleanup: host %s not reachable: %s", name, exc)
-            continue
-        try:
-            for domain in kvm.run_domains(conn, flow_run_id):
-                kvm.remove_domain_and_volumes(conn, domain)
-                logger.info("rolled back: domain %s and its volumes on %s", domain, name)
-        finally:
-            conn.close()
-
-
 def _reusable_export_dir(storage: TemporaryStorage, scope: str) -> Path:
     return Path(storage.worker_path) / "v2k-exports" / scope
 
 
-def _inline_block_name(run_id: str) -> str:
-    return f"v2k-inline-{run_id}"
+def _reusable_export(
+    request: MigrationRequest,
+    storage: TemporaryStorage,
+    settings: MigrationSettings,
+    source: VmSpec,
+) -> str | None:
+    """The scope of a kept export this run may reuse and keep, or None.
 
-
-def _by_block_name(request: MigrationRequest, run_id: str) -> MigrationRequest:
-    """The request with an inline source replaced by the name of the run's transient block."""
-    if request.vcenter_inline is None:
-        return request
-    return request.model_copy(
-        update={"vcenter": _inline_block_name(run_id), "vcenter_inline": None}
-    )
+    Keyed on the data's identity (`VmSpec.data_version`), so a VM written to since is
+    exported again; kept exports older than `settings.keep_exports_hours` are removed.
+    """
+    if not request.reuse_exports:
+        return None
+    logger = get_run_logger()
+    if not storage.shared:
+        logger.warning("reuse_exports needs shared temporary storage: not reused")
+        return None
+    kept = Path(storage.worker_path) / "v2k-exports"
+    for scope in resume.expired_exports(kept, settings.keep_exports_hours * 3600):
+        remove_tree(kept / scope, Path(storage.worker_path))
+        resume.forget(scope)
+        logger.info(
+            "removed the kept export %s: older than %s h", scope, settings.keep_exports_hours
+        )
+    scope = resume.export_scope(source.data_version)
+    if scope is None:
+        logger.warning("%s: its data's state cannot be told: not reused", source.name)
+        return None
+    if not (kept / scope).exists():
+        logger.info("no kept export of %s in its current state (%s): exporting", source.name, scope)
+    resume.mark_kept(kept / scope)
+    return scope
 
 
 def _with_saved_source(request: MigrationRequest, run_id: str) -> MigrationRequest:
     """An inline source becomes a transient VCenter block for this run only, so the tasks
     refer to it by name like any other; cleanup_run deletes it."""
     if request.vcenter_inline is not None:
-        request.vcenter_inline.to_block().save(_inline_block_name(run_id), overwrite=True)
-    return _by_block_name(request, run_id)
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    """The run's logger in a flow or task, else v2k's own (`v2k cleanup`)."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("v2k.migrate")
-
-
-def cleanup_flow_run(flow_run: FlowRun, logger: logging.Logger | None = None) -> None:
-    """Everything `cleanup_run` removes after a failure, for a migrate-vm flow run read
-    from the API: the cancellation hook, and `v2k cleanup` after a crash."""
-    run_id = _run_id(str(flow_run.id))
-    request = _by_block_name(
-        MigrationRequest.model_validate(flow_run.parameters["request"]), run_id
-    )
-    cleanup_run(request, run_id, str(flow_run.id), failed=True, logger=logger)
-
-
-def _cleanup_hook(flow, flow_run, state) -> None:
-    """on_cancellation: the same cleanup as a failure inside the flow."""
-    cleanup_flow_run(flow_run, flow_run_logger(flow_run, flow))
-
-
-def _keep_for_resume(flow, flow_run, state) -> None:
-    """on_crashed: the worker or its machine went away. What the run made (clone, partial
-    export, conversion) is kept, so that a retry of this flow run goes on from there."""
-    flow_run_logger(flow_run, flow).warning(
-        "flow run %s crashed; its clone and temporary files are kept: retry the flow run "
-        "(`v2k resume %s`) to go on from where it stopped, or remove them with "
-        "`v2k cleanup %s`",
-        flow_run.id,
-        flow_run.id,
-        flow_run.id,
-    )
+        request.vcenter_inline.to_block().save(inline_block_name(run_id), overwrite=True)
+    return by_block_name(request, run_id)
 
 
 def _run_id(flow_run_id: str) -> str:
-    return flow_run_id.replace("-", "")[:12]
+    return run_id_of(flow_run_id)
 
 
 def _summary(result: MigrationResult) -> str:
@@ -561,6 +491,7 @@ def _summary(result: MigrationResult) -> str:
 | guest OS (libosinfo) | {result.osinfo or "unknown"} |
 | bytes exported | {result.bytes_exported} |
 | boot check | {"passed" if result.booted else "not run" if result.booted is None else "failed"} |
+| cleanup | {"incomplete: " + "; ".join(result.cleanup_left) if result.cleanup_left else "done"} |
 
 | stage | seconds | detail |
 |---|---|---|
@@ -575,8 +506,8 @@ def _summary(result: MigrationResult) -> str:
 @flow(
     name="migrate-vm",
     flow_run_name="migrate-{request.vm}",
-    on_cancellation=[_cleanup_hook],
-    on_crashed=[_keep_for_resume, events.failed_hook],
+    on_cancellation=[cleanup_hook],
+    on_crashed=[keep_for_resume, events.failed_hook],
     on_failure=[events.failed_hook],
 )
 def migrate_vm(request: MigrationRequest) -> MigrationResult:
@@ -599,10 +530,14 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
             get_run_logger().warning(
                 "migration of %s was stopped (%s); cleaning up", request.vm, type(exc).__name__
             )
-        cleanup_run(request, run_id, flow_run_id, failed=True)
+        left = cleanup_run(request, run_id, flow_run_id, delivered=False)
+        if left and isinstance(exc, Exception):
+            raise CleanupIncomplete(
+                f"{exc} -- and the cleanup is incomplete: " + " | ".join(left),
+                f"v2k cleanup {flow_run_id} once the hosts are back",
+            ) from exc
         raise
-    cloned = any(stage.name == "prepare_source" for stage in result.stages)
-    cleanup_run(request, run_id, flow_run_id, failed=False, clone=cloned)
+    result.cleanup_left = cleanup_run(request, run_id, flow_run_id, delivered=True)
     create_markdown_artifact(
         _summary(result),
         key=artifact_key("migration", result.source_moref),
@@ -611,6 +546,14 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
     get_run_logger().info(
         "migrated %s to %s on %s", result.vm, result.domain_name, result.import_host
     )
+    if result.cleanup_left:
+        # Migrated, but litter may be left: a state that says so, not a plain Completed.
+        return Completed(
+            data=result,
+            name="Completed, cleanup incomplete",
+            message=f"may be left: {' | '.join(result.cleanup_left)}; "
+            f"run `v2k cleanup {flow_run_id}`",
+        )
     return result
 
 
@@ -646,7 +589,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
 
     checked = timed(
         "preflight",
-        lambda: _staged(preflight_task, settings, "preflight")(request),
+        lambda: _staged(preflight_task, settings, "preflight")(request, run_id),
         lambda r: f"{r.spec.inventory_path} -> {r.target_name}",
     )
     spec, target = checked.spec, checked.target_name
@@ -654,13 +597,16 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
     choice = timed(
         "select_hosts",
         lambda: _staged(select_hosts_task, settings, "select_hosts")(
-            request, spec, not settings.force_ms_export
+            request, spec, not settings.force_ms_export, run_id, token
         ),
         lambda r: "; ".join(r.reasons),
         lambda r: max((p.seconds for p in r.probes), default=0.0),  # the probes run at once
     )
     run_key = artifact_key(spec.moref, run_id)
     run_dir = Path(storage.run_dir(run_id))  # on the convert host when storage is local
+    Ledger(run_id).record(
+        Owned(kind="directory", name=str(run_dir), host=None if storage.shared else choice.convert)
+    )
     source = spec
     if spec.power_state == "poweredOn":
         source = timed(
@@ -669,15 +615,19 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
             lambda r: f"clone {r.name} ({r.moref})",
         )
     export_dir, export_token = run_dir / "export", token
-    reusable = None
-    if request.reuse_exports and not storage.shared:
-        get_run_logger().warning("reuse_exports needs shared temporary storage: not reused")
-    elif request.reuse_exports:
-        reusable = resume.export_scope(source.instance_uuid, source.change_version)
+    reusable = _reusable_export(request, storage, settings, source)
     if reusable:
         export_dir = _reusable_export_dir(storage, reusable)
         export_token = resume.resume_token(reusable)
         get_run_logger().info("export in %s, reused by later runs until one succeeds", export_dir)
+    elif source.data_version is None:
+        # Nothing tells whether an earlier try's export still is the VM's data.
+        get_run_logger().warning(
+            "%s: the state of its disks cannot be read (no CBT changeId, no file times): "
+            "the export is not resumed or reused",
+            source.name,
+        )
+        export_token = None
     if choice.export:
         export_call = lambda: _staged(ovftool_export_task, settings, "export")(  # noqa: E731
             request, source, choice.export, str(export_dir), settings, run_key, export_token
@@ -725,7 +675,7 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         imported = timed(
             "import",
             lambda: _staged(import_task, settings, "import")(
-                request, spec, converted, choice.import_, target, run_key, token
+                request, spec, converted, choice.import_, target, run_key, run_id, token
             ),
             lambda r: f"{r.domain_name} on {r.host} ({r.domain_type})",
             lambda r: r.upload_seconds + r.check_seconds,

@@ -273,9 +273,7 @@ def _export_with_lease(
                             # The VM's identity and state are part of what a finished
                             # disk is.
                             "resume_token": unmapped(
-                                f"{resume_token}/{spec.instance_uuid}/{spec.change_version}"
-                                if resume_token
-                                else None
+                                f"{resume_token}/{spec.data_version}" if resume_token else None
                             ),
                         },
                     )
@@ -313,7 +311,7 @@ def _export_with_lease(
     name="export-vm",
     task_run_name="export-{spec.name}",
     retry_condition_fn=_new_lease_helps,
-    **resumable("spec.instance_uuid", "spec.change_version", "directory"),
+    **resumable("spec.data_version", "directory"),
 )
 def export_task(
     vcenter_block: str,

@@ -133,24 +133,18 @@ def volume_exists(pool: libvirt.virStoragePool, name: str) -> bool:
     return True
 
 
-def volume_name(target: str, index: int) -> str:
-    """The pool volume that disk `index` of the migrated VM `target` becomes."""
-    return f"{target}-disk{index}.qcow2"
+def volume_name(target: str, index: int, run_id: str) -> str:
+    """The pool volume that disk `index` of the migrated VM `target` becomes.
+
+    The run's id in the name is the volume's ownership mark (a volume holds no metadata):
+    two runs never share a volume name, and a run removes only names that carry its id.
+    """
+    return f"{target}-disk{index}-{run_id}.qcow2"
 
 
-def target_volumes(
-    conn: libvirt.virConnect, target: str, pools: list[str]
-) -> list[tuple[str, str]]:
-    """(pool, volume) of `target`'s disks (one pool per disk) that already exist."""
-    found = []
-    for index, pool_name in enumerate(pools):
-        try:
-            pool = conn.storagePoolLookupByName(pool_name)
-        except libvirt.libvirtError:
-            continue  # a missing pool is reported on its own
-        if volume_exists(pool, volume_name(target, index)):
-            found.append((pool_name, volume_name(target, index)))
-    return found
+def carries_mark(volume: str, run_id: str) -> bool:
+    """Whether a volume name is one that run `run_id` gives (see `volume_name`)."""
+    return bool(run_id) and volume.endswith(f"-{run_id}.qcow2")
 
 
 def _volumes_of(dom: libvirt.virDomain) -> list[tuple[str, str]]:
@@ -162,22 +156,18 @@ def _volumes_of(dom: libvirt.virDomain) -> list[tuple[str, str]]:
     ]
 
 
-def attached_volumes(conn: libvirt.virConnect) -> set[tuple[str, str]]:
-    """(pool, volume) of every disk of every domain on the host."""
-    return {volume for dom in conn.listAllDomains() for volume in _volumes_of(dom)}
+def remove_run_volumes(
+    conn: libvirt.virConnect, run_id: str, volumes: list[tuple[str, str]]
+) -> list[str]:
+    """Remove (pool, volume) pairs that carry run `run_id`'s mark; return the removed ones.
 
-
-def remove_leftover_volumes(conn: libvirt.virConnect, target: str, pools: list[str]) -> list[str]:
-    """Remove `target`'s disk volumes that no domain uses; return them as `pool/volume`.
-
-    For a retried import: preflight refused the run if these names were taken before it
-    started, so an unattached volume of that name is what an earlier try of this run left
-    (its libvirt call failed after the volume was made, or its worker died).
+    For a retried import and for cleanup: the pairs come from the run's ledger, and a
+    name without the run's mark is refused, whatever the ledger says.
     """
-    attached = attached_volumes(conn)
-    leftovers = [v for v in target_volumes(conn, target, pools) if v not in attached]
-    remove_volumes(conn, leftovers)
-    return [f"{pool}/{vol}" for pool, vol in leftovers]
+    foreign = [f"{p}/{v}" for p, v in volumes if not carries_mark(v, run_id)]
+    if foreign:
+        raise ValueError(f"refusing to remove {', '.join(foreign)}: not made by run {run_id}")
+    return [f"{p}/{v}" for p, v in volumes if remove_volume(conn, p, v)]
 
 
 def upload_volume(
@@ -457,34 +447,78 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> bool:
     return True
 
 
+def remove_volume(conn: libvirt.virConnect, pool_name: str, vol_name: str) -> bool:
+    """Delete one volume; False when it (or its pool) is already gone, raise on a failure."""
+    try:
+        vol = conn.storagePoolLookupByName(pool_name).storageVolLookupByName(vol_name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (
+            libvirt.VIR_ERR_NO_STORAGE_VOL,
+            libvirt.VIR_ERR_NO_STORAGE_POOL,
+        ):
+            return False
+        raise
+    vol.delete(0)
+    return True
+
+
 def remove_volumes(conn: libvirt.virConnect, volumes: list[tuple[str, str]]) -> None:
-    """Delete (pool, volume) pairs; the ones already gone are skipped."""
+    """Delete (pool, volume) pairs that this very call chain created; gone ones are skipped."""
     for pool_name, vol_name in volumes:
-        try:
-            conn.storagePoolLookupByName(pool_name).storageVolLookupByName(vol_name).delete(0)
-        except libvirt.libvirtError:
-            continue
+        remove_volume(conn, pool_name, vol_name)
+
+
+def _run_of(dom: libvirt.virDomain) -> str | None:
+    """The flow run recorded in a domain's v2k metadata (its ownership mark), if any."""
+    root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    return root.findtext(f"metadata/{{{V2K_NS}}}migration/{{{V2K_NS}}}flow-run")
 
 
 def run_domains(conn: libvirt.virConnect, flow_run_id: str) -> list[str]:
     """Names of the domains that a given flow run defined (from v2k's domain metadata)."""
-    found = []
-    for dom in conn.listAllDomains():
-        root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-        run = root.findtext(f"metadata/{{{V2K_NS}}}migration/{{{V2K_NS}}}flow-run")
-        if run and run == flow_run_id:
-            found.append(dom.name())
-    return found
+    return [
+        dom.name() for dom in conn.listAllDomains() if flow_run_id and _run_of(dom) == flow_run_id
+    ]
 
 
-def remove_domain_and_volumes(conn: libvirt.virConnect, name: str) -> None:
-    """Remove a domain and the pool volumes its disks use."""
+def remove_run_domain(
+    conn: libvirt.virConnect, name: str, flow_run_id: str, run_id: str
+) -> list[str]:
+    """Remove a domain that flow run `flow_run_id` defined, with the volumes it made.
+
+    The domain must carry the run's mark in its metadata, and only its volumes whose names
+    carry the run's id go with it: a disk attached by hand afterwards stays.
+
+    Returns:
+        The removed volumes as `pool/volume`; empty when the domain is already gone.
+    """
     try:
-        volumes = _volumes_of(conn.lookupByName(name))
-    except libvirt.libvirtError:
-        return
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return []
+        raise
+    if _run_of(dom) != flow_run_id:
+        raise ValueError(f"refusing to remove domain {name!r}: not defined by run {flow_run_id}")
+    volumes = [(p, v) for p, v in _volumes_of(dom) if carries_mark(v, run_id)]
     remove_domain(conn, name)
-    remove_volumes(conn, volumes)
+    return remove_run_volumes(conn, run_id, volumes)
+
+
+def remove_migrated_domain(conn: libvirt.virConnect, name: str) -> list[str]:
+    """Undo a migration: remove a domain v2k defined, with the volumes its run made.
+
+    Refuses a domain without v2k's mark. Returns the removed volumes as `pool/volume`.
+    """
+    try:
+        root = ET.fromstring(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    except libvirt.libvirtError:
+        return []
+    note = f"metadata/{{{V2K_NS}}}migration/{{{V2K_NS}}}"
+    flow_run_id, run_id = root.findtext(note + "flow-run"), root.findtext(note + "run-id")
+    if not flow_run_id or not run_id:
+        raise ValueError(f"refusing to remove domain {name!r}: v2k did not define it")
+    return remove_run_domain(conn, name, flow_run_id, run_id)
 
 
 def wait_for_login(
@@ -557,6 +591,8 @@ def import_disks_and_define(
     osinfo: str | None = None,
     on_host: bool = False,
     timings: dict[str, float] | None = None,
+    run_id: str,
+    on_create: Callable[[str, str], None] = lambda _pool, _volume: None,
 ) -> tuple[libvirt.virDomain, list[tuple[str, str]], str]:
     """Upload each converted disk into its pool, check it, and define the domain.
 
@@ -570,6 +606,9 @@ def import_disks_and_define(
             copied there into its volume (`place_volume`) instead of streamed by the worker.
         timings: When given, gets the seconds spent in the uploads (`upload`) and in
             `qemu-img check` (`check`), all disks together.
+        run_id: the run's id, which every volume name carries (`volume_name`).
+        on_create: called with (pool, volume) before each volume is created, so the run's
+            ledger lists it even if the worker dies in the middle.
 
     Returns:
         The domain, its (pool, volume) list, and the domain type used.
@@ -582,12 +621,11 @@ def import_disks_and_define(
     try:
         for index, ((path, virtual_size), pool_name) in enumerate(zip(sources, pools, strict=True)):
             pool = lookup_pool(conn, pool_name)
-            vol_name = volume_name(target, index)
+            vol_name = volume_name(target, index, run_id)
             if volume_exists(pool, vol_name):
-                raise KvmImportError(
-                    f"volume {vol_name!r} already exists in pool {pool_name!r}: remove it or "
-                    "choose another target name"
-                )
+                # Only an earlier try of this run makes this name; the caller removes those.
+                raise KvmImportError(f"volume {vol_name!r} already exists in pool {pool_name!r}")
+            on_create(pool_name, vol_name)
             started = time.monotonic()
             if on_host:
                 vol = place_volume(pool, host_conn, vol_name, str(path), virtual_size, on_progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Literal
 
@@ -110,6 +111,14 @@ class DiskSpec(BaseModel):
     thin: bool | None = None
     rdm: bool = False
     sharing: str | None = None
+    change_id: str | None = Field(
+        default=None, description="CBT changeId of the disk (change tracking on), else None."
+    )
+    files_stamp: str | None = Field(
+        default=None,
+        description="Name, size and modification time of the disk's files from the datastore "
+        "browser; None when the browser could not tell.",
+    )
 
 
 class NicSpec(BaseModel):
@@ -146,6 +155,9 @@ class VmSpec(BaseModel):
     snapshot_count: int = 0
     tools_status: str | None = None
     change_version: str | None = None
+    vcenter_uuid: str | None = Field(
+        default=None, description="Instance UUID of the vCenter (or ESXi host) that has the VM."
+    )
     host: str | None = Field(default=None, description="ESXi host that runs the VM.")
     standalone: bool = Field(
         default=False, description="The source is a standalone ESXi host, not vCenter."
@@ -158,6 +170,21 @@ class VmSpec(BaseModel):
     @property
     def is_windows(self) -> bool:
         return (self.guest_id or "").lower().startswith("win")
+
+    @property
+    def data_version(self) -> str | None:
+        """What identifies the VM's data now: the same value means the same bytes.
+
+        Made of the vCenter's and the VM's instance UUIDs, the configuration version, and
+        per disk the CBT changeId or else its files' sizes and modification times (a
+        powered-on VM writes its files). None when a disk's state cannot be told: then
+        nothing exported earlier may stand in for the VM's current data.
+        """
+        disks = [d.change_id or d.files_stamp for d in self.disks]
+        if not self.instance_uuid or not all(disks):
+            return None
+        parts = [self.vcenter_uuid or "", self.instance_uuid, self.change_version or "", *disks]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 class HostProbe(BaseModel):
@@ -287,6 +314,10 @@ class MigrationResult(BaseModel):
     osinfo: str | None
     booted: bool | None = None
     warnings: list[str] = Field(default_factory=list)
+    cleanup_left: list[str] = Field(
+        default_factory=list,
+        description="What the run could not verify as removed (`v2k cleanup` goes on).",
+    )
 
 
 class VmSummary(BaseModel):

@@ -185,7 +185,7 @@ def _commands(spec, target, storage, cluster, settings, choice) -> list[str]:
     fill = "qemu-img convert on the host into it" if not storage.shared else "upload"
     for index, (disk, pool) in enumerate(zip(spec.disks, pools, strict=True)):
         steps.append(
-            f"on {into}: create volume {pool}/{kvm.volume_name(target, index)} "
+            f"on {into}: create volume {pool}/{kvm.volume_name(target, index, '<run>')} "
             f"({human_bytes(disk.capacity_bytes)}), {fill}, qemu-img check"
         )
     steps.append(

@@ -444,11 +444,8 @@ def destination_rules(
             continue  # select_hosts reports unreachable hosts with the reason
         try:
             ours = set(kvm.run_domains(conn, flow_run_id)) if flow_run_id else set()
+            # Volumes need no rule: their names carry the run's id (kvm.volume_name).
             concerns += _host_rules(conn, name, spec, target_name, cluster, ours)
-            if not flow_run_id:
-                # A retried run's import removes what its earlier try left (and only that:
-                # this rule made sure the names were free when the run began).
-                concerns += _volume_rules(conn, name, spec, target_name, cluster)
         finally:
             conn.close()
     return concerns
@@ -538,21 +535,6 @@ def _host_rules(
                 )
             )
     return concerns
-
-
-def _volume_rules(
-    conn, host: str, spec: VmSpec, target_name: str, cluster: KvmCluster
-) -> list[Concern]:
-    pools = disk_pools(spec, cluster)
-    return [
-        Concern(
-            rule="target-volume-exists",
-            severity="critical",
-            message=f"volume {volume!r} is already in pool {pool!r} on {host}.",
-            fix="choose another target_name, or remove that volume",
-        )
-        for pool, volume in kvm.target_volumes(conn, target_name, pools)
-    ]
 
 
 def disk_pools(spec: VmSpec, cluster: KvmCluster) -> list[str]:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect.context import TaskRunContext
@@ -57,15 +59,41 @@ def forget(scope: str) -> None:
     Variable.unset(_variable(scope))
 
 
-def export_scope(instance_uuid: str | None, change_version: str | None) -> str | None:
-    """Scope of an export that later runs may reuse: the VM in one configuration.
+def export_scope(data_version: str | None) -> str | None:
+    """Scope of an export that later runs may reuse: the VM's data in one state.
 
-    None when the VM has no instance UUID or change version to tell its states apart.
+    `data_version` (VmSpec.data_version) names the vCenter, the VM and its disks' state;
+    None when that state cannot be told, and then nothing is reused.
     """
-    if not instance_uuid or not change_version:
-        return None
-    version = hashlib.sha256(change_version.encode()).hexdigest()[:16]
-    return f"export-{instance_uuid}-{version}"
+    return f"export-{data_version}" if data_version else None
+
+
+KEPT_SINCE = ".v2k-kept-since"
+
+
+def mark_kept(directory: Path) -> None:
+    """Note when a kept export was started, once: its age counts from there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    since = directory / KEPT_SINCE
+    if not since.exists():
+        since.write_text(f"{time.time():.0f}\n")
+
+
+def expired_exports(kept: Path, max_age_seconds: float) -> list[str]:
+    """Scopes of the kept exports in `kept` started more than `max_age_seconds` ago."""
+    if not kept.is_dir():
+        return []
+    expired = []
+    for entry in kept.iterdir():
+        if not entry.name.startswith("export-"):
+            continue
+        try:
+            since = float((entry / KEPT_SINCE).read_text())
+        except (OSError, ValueError):
+            since = entry.stat().st_mtime
+        if time.time() - since > max_age_seconds:
+            expired.append(entry.name)
+    return expired
 
 
 def _value(parameters: dict[str, Any], dotted: str) -> Any:

@@ -247,6 +247,9 @@ def read_spec(si, vm: vim.VirtualMachine) -> VmSpec:
                     thin=getattr(backing, "thinProvisioned", None),
                     rdm=rdm,
                     sharing=getattr(backing, "sharing", None),
+                    change_id=getattr(backing, "changeId", None)
+                    if config.changeTrackingEnabled
+                    else None,
                 )
             )
         elif isinstance(device, vim.vm.device.VirtualEthernetCard):
@@ -263,6 +266,9 @@ def read_spec(si, vm: vim.VirtualMachine) -> VmSpec:
                     else True,
                 )
             )
+    stamps = _disk_file_stamps(config.hardware.device)
+    for disk in disks:
+        disk.files_stamp = stamps.get(disk.key)
     boot = config.bootOptions
     host = values.get("runtime.host")
     return VmSpec(
@@ -284,9 +290,49 @@ def read_spec(si, vm: vim.VirtualMachine) -> VmSpec:
         snapshot_count=_count_snapshots(getattr(values.get("snapshot"), "rootSnapshotList", None)),
         tools_status=str(values.get("summary.guest.toolsStatus") or "") or None,
         change_version=config.changeVersion,
+        vcenter_uuid=service_content(si).about.instanceUuid or None,
         host=host.name if host is not None else None,
         standalone=service_content(si).about.apiType == "HostAgent",
     )
+
+
+def _disk_file_stamps(devices, timeout: float = 60) -> dict[int, str]:
+    """disk key -> `name:size:mtime;...` of its files (descriptor, flat, deltas).
+
+    Read with each datastore's browser (`SearchDatastore_Task`), one search per folder.
+    A disk whose folder could not be searched gets no stamp.
+    """
+    wanted: dict[tuple[vim.Datastore, str], list[tuple[int, str]]] = {}
+    for device in devices:
+        if not isinstance(device, vim.vm.device.VirtualDisk) or not device.backing.datastore:
+            continue
+        folder, _, base = device.backing.fileName.partition("] ")[2].rpartition("/")
+        wanted.setdefault((device.backing.datastore, folder), []).append(
+            (device.key, base.removesuffix(".vmdk"))
+        )
+    stamps: dict[int, str] = {}
+    for (datastore, folder), disks in wanted.items():
+        details = vim.host.DatastoreBrowser.FileInfo.Details(fileSize=True, modification=True)
+        search = vim.host.DatastoreBrowser.SearchSpec(
+            matchPattern=[f"{base}*.vmdk" for _, base in disks], details=details
+        )
+        try:
+            found = wait_for_task(
+                datastore.browser.SearchDatastore_Task(f"[{datastore.name}] {folder}", search),
+                timeout,
+            )
+        except (vim.fault.VimFault, vmodl.MethodFault, TimeoutError):
+            continue
+        files = [(f.path, f.fileSize, f.modification) for f in found.file or []]
+        for key, base in disks:
+            mine = sorted(
+                f"{name}:{size}:{mtime.isoformat() if mtime else ''}"
+                for name, size, mtime in files
+                if name == f"{base}.vmdk" or name.startswith(f"{base}-")
+            )
+            if mine and all(m.rpartition(":")[2] for m in mine):
+                stamps[key] = ";".join(mine)
+    return stamps
 
 
 def wait_for_task(task, timeout: float) -> object:

@@ -70,12 +70,14 @@ def test_a_finished_task_is_not_run_again_while_its_token_lives(prefect_harness)
     assert calls == ["disk", "disk"]  # no token: nothing is cached
 
 
-def test_export_scope_needs_uuid_and_change_version():
-    assert resume.export_scope(None, "2026-11-26T09:00:00Z") is None
-    assert resume.export_scope("5003a1b2", None) is None
-    one = resume.export_scope("5003a1b2", "2026-11-26T09:00:00Z")
-    assert one == resume.export_scope("5003a1b2", "2026-11-26T09:00:00Z")
-    assert one != resume.export_scope("5003a1b2", "2026-11-26T09:00:01Z")
+def test_export_scope_needs_the_datas_identity(tmp_path):
+    assert resume.export_scope(None) is None  # the disks' state is unknown: nothing reused
+    assert resume.export_scope("ab12") == resume.export_scope("ab12") != resume.export_scope("cd")
+    # Kept exports expire from when they were started.
+    resume.mark_kept(tmp_path / "export-old")
+    (tmp_path / "export-old" / resume.KEPT_SINCE).write_text("1000\n")
+    resume.mark_kept(tmp_path / "export-new")
+    assert resume.expired_exports(tmp_path, 3600) == ["export-old"]
 
 
 # ---- reuse_exports: a new run takes over a finished export -----------------------
