@@ -153,9 +153,7 @@ def test_volume_marks_and_domain_marks_guard_every_removal():
         assert not kvm.carries_mark("web-disk0.qcow2", run_id)
         assert not kvm.carries_mark(kvm.volume_name("web", 0, "ffffffffffff"), run_id)
         for name in (ours, "web-disk0.qcow2"):
-            pool.createXML(
-                f"<volume><name>{name}</name><capacity>1048576</capacity></volume>", 0
-            )
+            pool.createXML(f"<volume><name>{name}</name><capacity>1048576</capacity></volume>", 0)
         # A ledger that names a volume without the mark is not trusted.
         with pytest.raises(ValueError, match="not made by run"):
             kvm.remove_run_volumes(conn, run_id, [("default-pool", "web-disk0.qcow2")])
