@@ -455,10 +455,16 @@ def _reusable_export(
         logger.info(
             "removed the kept export %s: older than %s h", scope, settings.keep_exports_hours
         )
-    scope = resume.export_scope(source.data_version)
+    scope = resume.export_scope(
+        f"{source.vcenter_uuid}/{source.instance_uuid}", source.data_version
+    )
     if scope is None:
         logger.warning("%s: its data's state cannot be told: not reused", source.name)
         return None
+    for stale in resume.stale_exports(kept, scope):
+        remove_tree(kept / stale, Path(storage.worker_path))
+        resume.forget(stale)
+        logger.info("removed the kept export %s: %s has changed since", stale, source.name)
     if not (kept / scope).exists():
         logger.info("no kept export of %s in its current state (%s): exporting", source.name, scope)
     resume.mark_kept(kept / scope)

@@ -59,13 +59,24 @@ def forget(scope: str) -> None:
     Variable.unset(_variable(scope))
 
 
-def export_scope(data_version: str | None) -> str | None:
-    """Scope of an export that later runs may reuse: the VM's data in one state.
+def export_scope(vm: str, data_version: str | None) -> str | None:
+    """Scope of an export that later runs may reuse: one VM's data in one state.
 
-    `data_version` (VmSpec.data_version) names the vCenter, the VM and its disks' state;
-    None when that state cannot be told, and then nothing is reused.
+    `vm` names the VM (its vCenter's and its own instance UUIDs); `data_version`
+    (VmSpec.data_version) its disks' state: None when that state cannot be told, and
+    then nothing is reused.
     """
-    return f"export-{data_version}" if data_version else None
+    if not data_version:
+        return None
+    return f"export-{hashlib.sha256(vm.encode()).hexdigest()[:12]}-{data_version}"
+
+
+def stale_exports(kept: Path, scope: str) -> list[str]:
+    """The other kept exports of the scope's VM: its data has changed since they were made."""
+    vm = scope.rsplit("-", 1)[0] + "-"
+    if not kept.is_dir():
+        return []
+    return [e.name for e in kept.iterdir() if e.name.startswith(vm) and e.name != scope]
 
 
 KEPT_SINCE = ".v2k-kept-since"

@@ -71,8 +71,13 @@ def test_a_finished_task_is_not_run_again_while_its_token_lives(prefect_harness)
 
 
 def test_export_scope_needs_the_datas_identity(tmp_path):
-    assert resume.export_scope(None) is None  # the disks' state is unknown: nothing reused
-    assert resume.export_scope("ab12") == resume.export_scope("ab12") != resume.export_scope("cd")
+    assert resume.export_scope("vc/vm", None) is None  # the disks' state is unknown
+    one = resume.export_scope("vc/vm", "ab12")
+    assert one == resume.export_scope("vc/vm", "ab12") != resume.export_scope("vc/vm", "cd")
+    assert one != resume.export_scope("vc2/vm", "ab12")  # the same UUID in another vCenter
+    (tmp_path / one).mkdir()
+    (tmp_path / resume.export_scope("vc2/vm", "ab12")).mkdir()
+    assert resume.stale_exports(tmp_path, resume.export_scope("vc/vm", "cd")) == [one]
     # Kept exports expire from when they were started.
     resume.mark_kept(tmp_path / "export-old")
     (tmp_path / "export-old" / resume.KEPT_SINCE).write_text("1000\n")
