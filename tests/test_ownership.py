@@ -7,18 +7,31 @@ test server, marks on a libvirt test driver); the scenarios against the test bed
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+import time
 import uuid
+from pathlib import Path
 
 import libvirt
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.states import Crashed
+from pyVmomi import vim
 
-from tasks import kvm
+from blocks import KvmHost
+from flows.cleanup import cleanup_run
+from flows.migrate import migrate_vm, select_hosts_task
+from tasks import kvm, resume
+from tasks import vcenter as vc
 from tasks.errors import Refused
 from tasks.models import DiskSpec, VmSpec
 from tasks.ownership import Ledger, Owned, Reserved, holder, release, reserve, target_key
+from testbed.testing import assert_nothing_left, request_for, snapshot, write_disk
 
 
 @pytest.fixture
@@ -170,3 +183,229 @@ def test_volume_marks_and_domain_marks_guard_every_removal():
             kvm.remove_migrated_domain(conn, "test")
     finally:
         conn.close()
+
+
+# ---- against the test bed ---------------------------------------------------------------
+#
+# After every scenario, every domain and volume that existed before is byte-identical
+# (`_estate`), and what a run made carries its mark.
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _estate(bed) -> dict[str, dict[str, str]]:
+    """Every host's domains (their XML) and pool volumes (sha256 of their files)."""
+    found: dict[str, dict[str, str]] = {}
+    for host in bed.hosts.hosts:
+        conn = bed.libvirt_conn(host.name)
+        pool = conn.storagePoolLookupByName(bed.pool)
+        pool.refresh()
+        found[host.name] = {
+            f"domain {d.name()}": d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            for d in conn.listAllDomains()
+        } | {f"volume {v}": _sha256_file(bed.pool_path(host.name) / v) for v in pool.listVolumes()}
+    return found
+
+
+def _unchanged_except(before: dict, after: dict, made: set[str] = frozenset()) -> None:
+    """Everything of `before` is in `after` as it was; `after` has only `made` besides."""
+    for host, objects in before.items():
+        for name, digest in objects.items():
+            assert after[host].get(name) == digest, f"{name} on {host} was changed or removed"
+    new = {f"{h}:{n}" for h, objects in after.items() for n in objects if n not in before[h]}
+    assert new == set(made), f"made: {sorted(new)}, expected {sorted(made)}"
+
+
+FOREIGN_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>
+<os><type arch='x86_64'>hvm</type></os><devices>
+<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>
+<source pool='{pool}' volume='{volume}'/><target dev='vda' bus='virtio'/></disk>
+</devices></domain>"""
+
+
+@pytest.fixture()
+def foreign(bed):
+    """On every host, a domain and volumes that no v2k run made, with the names a run for
+    `debian-data` would have used before volume names carried the run's id (and the
+    domain name a second target will ask for). Removed afterwards."""
+    made = []
+    for host in bed.hosts.hosts:
+        conn = bed.libvirt_conn(host.name)
+        pool = conn.storagePoolLookupByName(bed.pool)
+        for index in range(2):
+            name = f"debian-data-disk{index}.qcow2"
+            vol = pool.createXML(
+                f"<volume><name>{name}</name><capacity>1048576</capacity>"
+                "<target><format type='qcow2'/></target></volume>",
+                0,
+            )
+            made.append((host.name, "volume", name))
+            # Content of its own, so that any write to it shows in the digest.
+            with open(vol.path(), "r+b") as f:
+                f.seek(65536)
+                f.write(os.urandom(4096))
+        conn.defineXML(
+            FOREIGN_XML.format(
+                name="taken-by-hand", pool=bed.pool, volume="debian-data-disk0.qcow2"
+            )
+        )
+        made.append((host.name, "domain", "taken-by-hand"))
+    yield made
+    for host, kind, name in reversed(made):
+        conn = bed.libvirt_conn(host)
+        if kind == "domain":
+            conn.lookupByName(name).undefine()
+        else:
+            conn.storagePoolLookupByName(bed.pool).storageVolLookupByName(name).delete(0)
+
+
+def test_a_retried_refused_run_is_refused_again_and_touches_nothing(bed, bed_blocks, foreign):
+    """The UI's Retry of a run that preflight refused: the retry runs every rule again
+    (nothing is skipped because it is a retry) and removes nothing it did not make."""
+    before, snap = _estate(bed), snapshot(bed)
+    request = request_for(bed_blocks, "debian-data", target_name="taken-by-hand")
+    state = migrate_vm.with_options(retries=1, retry_delay_seconds=0)(request, return_state=True)
+    assert state.is_failed()
+    assert "'taken-by-hand' is already defined" in state.message, state.message
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).run_count == 2
+    _unchanged_except(before, _estate(bed))
+    assert_nothing_left(bed, snap)
+    assert holder(target_key(bed_blocks["cluster"], "taken-by-hand")) is None
+
+
+def test_a_run_pins_its_hosts(bed, bed_blocks):
+    """select-hosts is persisted with the run: a resumed run gets the same hosts, which
+    hold its host-local export and conversion."""
+    request = request_for(bed_blocks, "debian-data")
+    run_id = uuid.uuid4().hex[:12]
+
+    @flow
+    def choose_twice():
+        with bed.vcsim.connect() as si:
+            spec = vc.read_spec(si, vc.find_vm(si, vc.datacenter(si, None), "debian-data"))
+        token = resume.resume_token(run_id)
+        first = select_hosts_task(request, spec, True, run_id, token, return_state=True)
+        again = select_hosts_task(request, spec, True, run_id, token, return_state=True)
+        other = select_hosts_task(request, spec, True, "another", token, return_state=True)
+        return first, again, other
+
+    try:
+        first, again, other = choose_twice()
+        assert again.name == "Cached" and again.result() == first.result()
+        assert other.name != "Cached"
+    finally:
+        resume.forget(run_id)
+
+
+def test_cleanup_that_cannot_reach_a_host_says_so_and_v2k_cleanup_finishes(bed, bed_blocks):
+    """An unreachable host is not assumed to hold nothing: what may be left there stays
+    in the ledger and is named; once the host is back, cleanup finishes the job."""
+    run_id, flow_run_id = uuid.uuid4().hex[:12], str(uuid.uuid4())
+    volume = kvm.volume_name("own-cleanup", 0, run_id)
+    conn = bed.libvirt_conn("kvm2")
+    conn.storagePoolLookupByName(bed.pool).createXML(
+        f"<volume><name>{volume}</name><capacity>1048576</capacity></volume>", 0
+    )
+    directory = Path(bed.scratch) / f"v2k-{run_id}"
+    (directory / "export").mkdir(parents=True)
+    down = f"own-down-{run_id}"
+    # kvm2 with its libvirtd not answering (a socket nobody listens on).
+    KvmHost.load(bed_blocks["kvm2"]).model_copy(
+        update={"libvirt_uri": "qemu+unix:///system?socket=/run/v2k-nothing/libvirt-sock"}
+    ).save(down)
+    ledger = Ledger(run_id)
+    ledger.record(Owned(kind="directory", name=str(directory)))
+    ledger.record(Owned(kind="volume", name=volume, host=down, place=bed.pool))
+    request = request_for(bed_blocks, "debian-data")
+    try:
+        left = cleanup_run(request, run_id, flow_run_id, delivered=False)
+        assert len(left) == 1 and f"volume {bed.pool}/{volume} on {down}" in left[0], left
+        assert not directory.exists()  # what could be removed is gone
+        assert [o.name for o in ledger.entries()] == [volume]
+        assert volume in conn.storagePoolLookupByName(bed.pool).listVolumes()
+
+        KvmHost.load(bed_blocks["kvm2"]).save(down, overwrite=True)  # the host is back
+        assert cleanup_run(request, run_id, flow_run_id, delivered=False) == []
+        assert volume not in conn.storagePoolLookupByName(bed.pool).listVolumes()
+        assert ledger.entries() == []
+    finally:
+        kvm.remove_run_volumes(conn, run_id, [(bed.pool, volume)])
+        KvmHost.delete(down)
+
+
+def _raw_sha256(path: Path, fmt: str) -> str:
+    """sha256 of a disk image's raw content (qemu-img convert to raw first)."""
+    with tempfile.TemporaryDirectory(prefix="v2k-raw-") as tmp:
+        raw = Path(tmp) / "raw"
+        subprocess.run(
+            ["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(raw)],
+            check=True,
+            timeout=300,
+        )
+        return _sha256_file(raw)
+
+
+def _source_disk_sha256(bed, vm, index: int) -> str:
+    """sha256 of a source disk's raw content, read through the datastore."""
+    disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+    datastore, _, path = disks[index].backing.fileName[1:].partition("] ")
+    with tempfile.TemporaryDirectory(prefix="v2k-src-") as tmp:
+        local = Path(tmp) / "disk.vmdk"
+        local.write_bytes(bed.vcsim.download(path, datastore))
+        return _raw_sha256(local, "vmdk")
+
+
+@pytest.mark.slow
+def test_one_migration_owns_only_what_it_made_and_carries_the_current_data(
+    bed, bed_blocks, foreign
+):
+    """One real conversion serves the scenarios of same target, same VM twice, stale data
+    and pre-existing names: while it runs, a second run for its VM and a third for its
+    target are refused naming it; the guest's last write is on KVM; nothing that existed
+    before is changed."""
+    with bed.vcsim.connect() as si:
+        vm = vc.find_vm(si, vc.datacenter(si, None), "debian-data")
+        write_disk(bed.vcsim, vm, 3 << 20, os.urandom(1 << 20), disk=1)  # the guest writes
+        want = _source_disk_sha256(bed, vm, 1)
+    before, snap = _estate(bed), snapshot(bed)
+    request = request_for(bed_blocks, "debian-data")
+    key = target_key(bed_blocks["cluster"], "debian-data")
+    ended: dict = {}
+    migration = threading.Thread(
+        target=lambda: ended.update(state=migrate_vm(request, return_state=True))
+    )
+    migration.start()
+    try:
+        deadline = time.monotonic() + 120
+        while holder(key) is None and migration.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        held = holder(key)
+        assert held is not None, "the migration never reserved its target"
+        with pytest.raises(Reserved, match=held.flow_run_id):
+            migrate_vm(request_for(bed_blocks, "debian-data"))  # the same VM again
+        with pytest.raises(Reserved, match="target .*/debian-data is reserved"):
+            migrate_vm(request_for(bed_blocks, "debian-stopped", target_name="debian-data"))
+    finally:
+        migration.join(900)
+    state = ended["state"]
+    assert state.is_completed(), state.message
+    result = state.result()
+    host = next(h.name for h in bed.hosts.hosts if bed_blocks[h.name] == result.import_host)
+    run_id = held.flow_run_id.replace("-", "")[:12]
+    try:
+        volumes = [kvm.volume_name("debian-data", i, run_id) for i in range(2)]
+        assert _raw_sha256(bed.pool_path(host) / volumes[1], "qcow2") == want
+        made = {f"{host}:domain debian-data", *(f"{host}:volume {v}" for v in volumes)}
+        _unchanged_except(before, _estate(bed), made)
+        assert holder(key) is None  # released, with the source's
+        assert Ledger(run_id).entries() == []  # the domain and volumes are the user's now
+    finally:
+        kvm.remove_migrated_domain(bed.libvirt_conn(host), "debian-data")
+    assert_nothing_left(bed, snap)

@@ -28,7 +28,7 @@ from flows.migrate import migrate_vm
 from tasks import resume
 from tasks import vcenter as vc
 from tasks.resume import resumable
-from testbed.testing import STOP_AFTER_EXPORT, request_for
+from testbed.testing import STOP_AFTER_EXPORT, request_for, write_disk
 
 VM = "multi-disk-efi"
 WEB = "Prod/Web/web server 01"  # stopped, one synthetic disk
@@ -119,7 +119,16 @@ def test_reuse_exports_takes_over_a_finished_export_of_the_same_state(bed, bed_b
             vm = vc.find_vm(si, vc.datacenter(si, None), WEB)
             vc.wait_for_task(vm.ReconfigVM_Task(vc.vim.vm.ConfigSpec(annotation="edited")), 60)
         assert run_and_count() == 1  # another change version: exported afresh
-        assert len(list(exports.iterdir())) == 2
+        (fresh,) = exports.iterdir()  # and the export of the old state removed
+        assert fresh != kept
+
+        # The guest writes to its disk, the configuration stays: exported afresh again.
+        with bed.vcsim.connect() as si:
+            vm = vc.find_vm(si, vc.datacenter(si, None), WEB)
+            write_disk(bed.vcsim, vm, 8192, os.urandom(4096))
+        assert run_and_count() == 1
+        (newest,) = exports.iterdir()
+        assert newest != fresh
     finally:
         for scope in exports.iterdir() if exports.exists() else []:
             resume.forget(scope.name)
