@@ -55,7 +55,7 @@ from tasks.models import (
     VmSpec,
 )
 from tasks.ovftool import exported_from_manifest, exported_on_host, run_ovftool
-from tasks.ownership import Ledger, Owned, reserve, source_key, target_key
+from tasks.ownership import Ledger, Owned, reserve, run_keys
 from tasks.preflight import (
     BlockNotFound,
     Preflight,
@@ -144,14 +144,9 @@ def reserve_run(
     request: MigrationRequest, checked: Preflight, run_id: str, flow_run_id: str, name: str
 ) -> None:
     """Reserve the run's target and source VM (tasks/ownership.py); raise Reserved if taken."""
-    spec = checked.spec
-    vcenter = spec.vcenter_uuid or f"{VCenter.load(request.vcenter).host}"
-    keys = [
-        target_key(request.cluster, checked.target_name),
-        source_key(vcenter, spec.instance_uuid or spec.moref),
-    ]
+    vcenter_host = VCenter.load(request.vcenter).host
     ledger = Ledger(run_id)
-    for key in keys:
+    for key in run_keys(request.cluster, checked.target_name, checked.spec, vcenter_host):
         ledger.record(Owned(kind="reservation", name=key))
         reserve(key, flow_run_id, name)
 

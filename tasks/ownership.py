@@ -25,6 +25,7 @@ from prefect.variables import Variable
 from pydantic import BaseModel, Field
 
 from tasks.errors import Refused
+from tasks.models import VmSpec
 
 # Holders in these states will not come back for what they reserved.
 _FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED"}
@@ -54,6 +55,26 @@ def target_key(cluster: str, target: str) -> str:
 
 def source_key(vcenter_uuid: str, vm_uuid: str) -> str:
     return f"source:{vcenter_uuid}/{vm_uuid}"
+
+
+def run_keys(cluster: str, target: str, spec: VmSpec, vcenter_host: str) -> list[str]:
+    """What a run for `spec` reserves: its target, and its source VM (by instance UUIDs;
+    a standalone ESXi host has no instance UUID of its own, so its address stands in)."""
+    return [
+        target_key(cluster, target),
+        source_key(spec.vcenter_uuid or vcenter_host, spec.instance_uuid or spec.moref),
+    ]
+
+
+def held_by_others(key: str, flow_run_id: str | None) -> tuple[Reservation, str] | None:
+    """The live holder of `key` and its state, unless it is `flow_run_id` or is gone."""
+    held = holder(key)
+    if held is None or held.flow_run_id == flow_run_id:
+        return None
+    state = holder_state(held.flow_run_id)
+    if state is None or state in _FINISHED_STATES:
+        return None
+    return held, state
 
 
 def holder_state(flow_run_id: str) -> str | None:
@@ -95,16 +116,21 @@ def reserve(key: str, flow_run_id: str, run_name: str = "") -> Reservation:
             return held
         state = holder_state(held.flow_run_id)
         if state is not None and state not in _FINISHED_STATES:
-            what = "target" if key.startswith("target:") else "source VM"
-            raise Reserved(
-                f"the {what} {key.partition(':')[2]} is reserved by flow run "
-                f"{held.run_name or held.flow_run_id} ({held.flow_run_id}, {state.lower()}, "
-                f"since {held.since}).",
-                "wait for that run to end, or end it: `v2k cleanup "
-                f"{held.flow_run_id}` after a crash; or give this run another target_name",
-            )
+            raise Reserved(*refusal(held, state))
         Variable.unset(name)  # a holder that is gone: its reservation is stale
     raise Reserved(f"could not reserve {key}: another run took it at the same moment.", "retry")
+
+
+def refusal(held: Reservation, state: str) -> tuple[str, str]:
+    """Message and fix for a run refused because `held` holds what it needs."""
+    what = "target" if held.key.startswith("target:") else "source VM"
+    return (
+        f"the {what} {held.key.partition(':')[2]} is reserved by flow run "
+        f"{held.run_name or held.flow_run_id} ({held.flow_run_id}, {state.lower()}, "
+        f"since {held.since}).",
+        f"wait for that run to end, or end it (`v2k cleanup {held.flow_run_id}` after a "
+        "crash); for another VM with the same target, give target_name",
+    )
 
 
 def release(key: str, flow_run_id: str) -> bool:

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage, VCenter
-from tasks import kvm
+from tasks import kvm, ownership
 from tasks import vcenter as vc
 from tasks.models import HostChoice, HostProbe, MigrationRequest, VmSpec, libvirt_name
 
@@ -595,6 +595,7 @@ def check(request: MigrationRequest, flow_run_id: str | None = None) -> Prefligh
     target = request.target_name or libvirt_name(spec.name)
     cluster = KvmCluster.load(request.cluster)
     concerns = source_rules(spec) + name_rules(spec, request.target_name)
+    concerns += reservation_rules(request, spec, target, flow_run_id)
     concerns += destination_rules(
         spec,
         target,
@@ -604,6 +605,20 @@ def check(request: MigrationRequest, flow_run_id: str | None = None) -> Prefligh
         flow_run_id,
     )
     return Preflight(spec=spec, target_name=target, concerns=concerns)
+
+
+def reservation_rules(
+    request: MigrationRequest, spec: VmSpec, target: str, flow_run_id: str | None
+) -> list[Concern]:
+    """Another live run holds this run's target or source VM (tasks/ownership.py)."""
+    concerns = []
+    vcenter_host = VCenter.load(request.vcenter).host
+    for key in ownership.run_keys(request.cluster, target, spec, vcenter_host):
+        found = ownership.held_by_others(key, flow_run_id)
+        if found:
+            message, fix = ownership.refusal(*found)
+            concerns.append(Concern(rule="reserved", severity="critical", message=message, fix=fix))
+    return concerns
 
 
 def refuse_critical(concerns: list[Concern]) -> None:
