@@ -7,6 +7,9 @@ from pydantic import BaseModel, Field
 
 from blocks.cache import LoadedOnce
 
+CLONE_TIMEOUT_FLOOR = 600.0
+"""Seconds every clone gets besides its copy time: task queueing, registration, small VMs."""
+
 
 class StagePolicy(BaseModel):
     """Retries and time allowed for one stage of the migration."""
@@ -87,6 +90,22 @@ class MigrationSettings(LoadedOnce, Block):
         gt=0,
         description="Hours a kept export (reuse_exports) may be reused before it is removed.",
     )
+    clone_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Seconds allowed for cloning a running VM before the export; the vSphere task is "
+            "cancelled after it. Empty: 600 s plus the VM's disk capacity at clone_rate."
+        ),
+    )
+    clone_rate: float = Field(
+        default=50,
+        gt=0,
+        description=(
+            "MB/s a clone is assumed to copy at when clone_timeout is empty (a slow "
+            "datastore needs a lower value)."
+        ),
+    )
     preflight: StagePolicy = Field(
         default_factory=lambda: StagePolicy(retries=2, timeout_seconds=300),
         description="Reading the VM and checking the rules.",
@@ -115,6 +134,12 @@ class MigrationSettings(LoadedOnce, Block):
     def policy(self, stage: str) -> StagePolicy:
         """The StagePolicy of a stage by its name in the DAG (`import` is `kvm_import`)."""
         return getattr(self, "kvm_import" if stage == "import" else stage)
+
+    def clone_timeout_seconds(self, disk_bytes: int) -> float:
+        """Seconds allowed for a clone of a VM with `disk_bytes` of disk capacity."""
+        if self.clone_timeout is not None:
+            return self.clone_timeout
+        return CLONE_TIMEOUT_FLOOR + disk_bytes / (self.clone_rate * 1e6)
 
     @property
     def convert_timeout_seconds(self) -> float:

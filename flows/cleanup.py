@@ -115,9 +115,16 @@ def _remove_clones(request: MigrationRequest, run_id: str, ledger: Ledger, logge
         return
     vcenter = VCenter.load(request.vcenter)
     with vcenter.connect() as si:
-        removed = remove_clones(si, vc.datacenter(si, vcenter.datacenter), clone_name(run_id))
-    for moref in removed:
+        removal = remove_clones(si, vc.datacenter(si, vcenter.datacenter), run_id)
+    for moref in removal.removed:
         logger.info("removed the clone %s (%s)", clone_name(run_id), moref)
+    for moref in removal.left:
+        # Not this run's: left alone, and nothing of this run's is left in vCenter.
+        logger.warning(
+            "left %s (%s): named like this run's clone but without its annotation",
+            clone_name(run_id),
+            moref,
+        )
     for entry in clones:
         ledger.drop(entry)
 

@@ -40,6 +40,7 @@ from tasks import events, kvm, resume, ssh
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree
 from tasks.convert import ConvertRefused, convert_vm
+from tasks.errors import Refused
 from tasks.export import run_export
 from tasks.guestos import choose_osinfo
 from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
@@ -70,7 +71,7 @@ from tasks.preflight import (
 from tasks.progress import Progress, artifact_key
 from tasks.resume import resumable
 from tasks.retries import retry_unless
-from tasks.source import clone_for_export, clone_name, remove_clones
+from tasks.source import clone_name, prepare_clone
 from tasks.ssh import shared_connections
 from tasks.vcenter import SourceError
 
@@ -390,7 +391,7 @@ def verify_task(host_name: str, domain: str, timeout: float) -> bool:
 
 @task(
     name="prepare-source",
-    retry_condition_fn=transient_only,
+    retry_condition_fn=retry_unless(*USER_ERRORS, Refused),
     **resumable("spec.instance_uuid", "run_id"),
 )
 def prepare_source_task(
@@ -399,26 +400,24 @@ def prepare_source_task(
     """Clone a running VM, powered off, and hand back the clone's spec for the export.
 
     A retried run gets the clone it made before (persisted result), and the download of
-    its disks goes on; a clone left half-made by a dead worker is removed first.
+    its disks goes on; a clone task or clone left by an earlier try (a timeout, a dead
+    worker) is cancelled and removed first. See tasks/source.py.
     """
     logger = get_run_logger()
     logger.warning(
         "%s is running: exporting a powered-off clone, which is crash-consistent", spec.name
     )
     vcenter = VCenter.load(request.vcenter)
-    name = clone_name(run_id)
-    Ledger(run_id).record(Owned(kind="clone", name=name))
+    settings = MigrationSettings.load(request.settings) if request.settings else MigrationSettings()
+    timeout = settings.clone_timeout_seconds(spec.total_disk_bytes)
+    Ledger(run_id).record(Owned(kind="clone", name=clone_name(run_id)))
     with vcenter.connect() as si:
         dc = vc.datacenter(si, vcenter.datacenter)
         vm = vc.find_vm(si, dc, spec.moref)
-        for moref in remove_clones(si, dc, name):
-            logger.info("removed %s (%s), left unfinished by an earlier try", name, moref)
-        try:
-            clone = clone_for_export(si, vm, name, timeout=3600)
-        except BaseException:
-            remove_clones(si, dc, name)
-            raise
-        logger.info("cloned %s to %s (%s)", spec.name, name, clone._moId)
+        clone = prepare_clone(
+            si, dc, vm, run_id, vm_path=spec.inventory_path, timeout=timeout, log=logger.info
+        )
+        logger.info("cloned %s to %s (%s)", spec.name, clone.name, clone._moId)
         return vc.read_spec(si, clone)
 
 

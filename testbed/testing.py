@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import libvirt
+from pyVmomi import vim
 
 from tasks import vcenter as vc
 from tasks.inventory import list_vms
@@ -91,3 +95,64 @@ def assert_nothing_left(bed, before: Snapshot) -> None:
     assert after.vms == before.vms, "the vCenter inventory changed"
     # A lease of another test's killed worker may time out meanwhile (test_resume.py).
     assert after == replace(before, export_leases=0)
+
+
+_EXTENT = re.compile(r'^(?:RW|RDONLY)\s+(\d+)\s+FLAT\s+"([^"/]+)"\s+(\d+)', re.MULTILINE)
+
+
+def write_disk(sim, vm, offset: int, data: bytes, disk: int = 0) -> None:
+    """Write `data` at byte `offset` of a VM's disk through the datastore, as a guest would.
+
+    The disk's data file is read with `/folder` GET and put back whole with PUT (vCenter's
+    `/folder` has no partial PUT): its modification time changes and, with change
+    tracking on, so does the disk's `changeId`. A monolithicFlat disk is written in its
+    flat extent; a streamOptimized one is unpacked with qemu-img, written and packed again.
+
+    Args:
+        sim: The running VcSim.
+        vm: The pyvmomi VM (its disks are read from `config.hardware.device`).
+        offset: Byte offset in the disk's content.
+        data: The bytes to write.
+        disk: Which disk, in device order.
+    """
+    disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+    match = re.match(r"^\[([^\]]+)\] (.+)$", disks[disk].backing.fileName)
+    if not match:
+        raise ValueError(f"not a datastore path: {disks[disk].backing.fileName!r}")
+    datastore, path = match.groups()
+    head = sim.download(path, datastore)
+    if head.startswith(b"# Disk DescriptorFile"):
+        extent = _EXTENT.search(head.decode(errors="replace"))
+        if not extent or int(extent.group(3)) != 0:
+            raise ValueError(f"{path}: only a single FLAT extent is supported")
+        folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
+        flat_path = folder + extent.group(2)
+        content = bytearray(sim.download(flat_path, datastore))
+        if offset + len(data) > len(content):
+            raise ValueError(f"write past the end of {flat_path} ({len(content)} bytes)")
+        content[offset : offset + len(data)] = data
+        sim.upload(flat_path, bytes(content), datastore)
+        return
+    with tempfile.TemporaryDirectory(prefix="v2k-write-disk-") as tmp:
+        vmdk, raw = Path(tmp) / "disk.vmdk", Path(tmp) / "disk.raw"
+        vmdk.write_bytes(head)
+        subprocess.run(
+            ["qemu-img", "convert", "-O", "raw", str(vmdk), str(raw)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        if offset + len(data) > raw.stat().st_size:
+            raise ValueError(f"write past the end of {path} ({raw.stat().st_size} bytes)")
+        with open(raw, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        vmdk.unlink()
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"]
+            + [str(raw), str(vmdk)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        sim.upload(path, vmdk, datastore)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,18 @@ BUILD_TIMEOUT = 900.0
 
 # Model settings VcSim accepts (flag names of the Go program, "-" written as "_").
 MODEL_KEYS = frozenset(
-    {"dc", "cluster", "host", "standalone_host", "vm", "ds", "pg", "lease_timeout"}
+    {
+        "dc",
+        "cluster",
+        "host",
+        "standalone_host",
+        "vm",
+        "ds",
+        "pg",
+        "lease_timeout",
+        "clone_rate_kbps",
+        "clone_min_ms",
+    }
 )
 
 
@@ -137,7 +149,11 @@ class VcSim:
     `host` per cluster, `standalone_host`, `vm`, `ds`, `pg`, `lease_timeout` seconds);
     the defaults are one datacenter with one cluster of two hosts, two datastores
     (`LocalDS_0`, `LocalDS_1`), one distributed port group next to "VM Network",
-    and no VMs.
+    and no VMs. `clone_rate_kbps` and `clone_min_ms` slow every clone down (see
+    `knob()`).
+
+    `instance_uuid` is the vCenter's `about.instanceUuid` (default: a random one, kept
+    across `restart()`): two simulators with equal ones stand for a DR pair.
     """
 
     def __init__(
@@ -148,6 +164,7 @@ class VcSim:
         model: dict[str, int] | None = None,
         binary: Path | None = None,
         start_timeout: float = 30.0,
+        instance_uuid: str | None = None,
     ) -> None:
         unknown = set(model or {}) - MODEL_KEYS
         if unknown:
@@ -157,6 +174,7 @@ class VcSim:
         self.model = dict(model or {})
         self.binary = binary
         self.start_timeout = start_timeout
+        self.instance_uuid = instance_uuid or str(uuidlib.uuid4())
         self.host = "127.0.0.1"
         self.user = "root" if esx else "administrator@vsphere.local"
         self.password = ""
@@ -228,6 +246,8 @@ class VcSim:
             str(ready),
             "-user",
             self.user,
+            "-instance-uuid",
+            self.instance_uuid,
         ]
         if self.esx:
             argv.append("-esx")
@@ -315,6 +335,7 @@ class VcSim:
             "password": self.password,
             "ca_cert": str(self.ca_cert),
             "datacenter": self.datacenter,
+            "instance_uuid": self.instance_uuid,
             "esx": self.esx,
             "pid": self.pid,
             "workdir": str(self.workdir),
@@ -353,6 +374,22 @@ class VcSim:
 
         with httpx.Client(verify=self.ssl_context(), timeout=10) as client:
             r = client.post(f"{self.base_url()}/testbed/fault", params=params)
+            r.raise_for_status()
+            return r.json()
+
+    def knob(self, **params: Any) -> dict[str, Any]:
+        """Turn knobs that stay until changed (see testbed/vcsim/knobs.go):
+        `clone_rate_kbps=KIB` (clones copy at KIB KiB/s; 0 at once), `clone_min_ms=MS`
+        (every clone takes at least MS ms), `datastore=NAME, capacity_bytes=N` (the
+        datastore reports capacity N, free space N minus its files; 0 its file system's
+        again). Without arguments, returns the knobs as they are."""
+        import httpx
+
+        with httpx.Client(verify=self.ssl_context(), timeout=10) as client:
+            if params:
+                r = client.post(f"{self.base_url()}/testbed/knob", params=params)
+            else:
+                r = client.get(f"{self.base_url()}/testbed/knob")
             r.raise_for_status()
             return r.json()
 
@@ -397,6 +434,17 @@ class VcSim:
                 with open(source, "rb") as f:
                     r = client.put(self.datastore_url(path, datastore), content=f)
             r.raise_for_status()
+
+    def download(self, path: str, datastore: str = "LocalDS_0") -> bytes:
+        """GET a file from a datastore (`/folder` access)."""
+        import httpx
+
+        with httpx.Client(
+            verify=self.ssl_context(), auth=(self.user, self.password), timeout=60
+        ) as client:
+            r = client.get(self.datastore_url(path, datastore))
+            r.raise_for_status()
+            return r.content
 
     def datastore_path(self, datastore: str = "LocalDS_0") -> Path:
         """The directory on this machine that backs a datastore."""

@@ -17,7 +17,6 @@ from flows.migrate import migrate_vm
 from tasks import vcenter as vc
 from tasks.models import MigrationRequest
 from tasks.ovftool import locator
-from tasks.source import remove_clones
 
 NAME = 'it\'s a "web" #1 100%'
 
@@ -38,7 +37,7 @@ def quoted_vm(bed):
     with bed.vcsim.connect() as si:
         dc = vc.datacenter(si, bed.vcsim.datacenter)
         vc.wait_for_task(vc.find_vm(si, dc, moref).Rename_Task(safe), 60)
-        remove_clones(si, dc, safe)
+        vc.wait_for_task(vc.find_vm(si, dc, moref).Destroy_Task(), 60)
 
 
 def test_locator_encodes_every_part(bed, bed_blocks, quoted_vm):

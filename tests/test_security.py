@@ -19,7 +19,6 @@ from tasks import vcenter as vc
 from tasks.hosts import HostSelectionError, choose_hosts, probe_host
 from tasks.models import MigrationRequest
 from tasks.preflight import BlockNotFound
-from tasks.source import remove_clones
 from testbed.testing import request_for
 
 HOSTILE = "web 'x';$(touch /tmp/v2k-pwned)`touch /tmp/v2k-pwned2`../ü\nend"
@@ -87,7 +86,7 @@ def hostile_vm(bed):
         dc = vc.datacenter(si, bed.vcsim.datacenter)
         vm = vc.find_vm(si, dc, moref)
         vc.wait_for_task(vm.Rename_Task(safe), 60)
-        remove_clones(si, dc, safe)
+        vc.wait_for_task(vc.find_vm(si, dc, moref).Destroy_Task(), 60)
 
 
 def _cmdlines() -> list[str]:

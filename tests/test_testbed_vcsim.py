@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import ssl
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -14,8 +16,9 @@ import httpx
 import pytest
 from pyVim.connect import SmartConnect
 from pyVim.task import WaitForTask
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 
+from testbed.testing import write_disk
 from testbed.vcsim import VcSim
 
 OVF = "{http://schemas.dmtf.org/ovf/envelope/1}"
@@ -442,3 +445,224 @@ def test_esx_model(tmp_path: Path):
         with sim.connect() as si:
             assert si.content.about.apiType == "HostAgent"
             assert si.content.rootFolder.childEntity[0].name == "ha-datacenter"
+
+
+# ---- facts about data: instance UUID, datastore browser, CBT, space, slow clones ----------
+
+CHANGE_ID = re.compile(r"^52( [0-9a-f]{2}){7}-[0-9a-f]{2}( [0-9a-f]{2}){7}/(\d+)$")
+
+
+def make_flat_vm(sim: VcSim, si, name: str, flat: bytes, datastore: str = "LocalDS_0"):
+    """A VM whose disk is a monolithicFlat descriptor with its flat extent."""
+    descriptor = (
+        b"# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        b'createType="monolithicFlat"\n\n# Extent description\n'
+        + f'RW {len(flat) // 512} FLAT "{name}_0-flat.vmdk" 0\n'.encode()
+    )
+    sim.upload(f"{name}/{name}_0-flat.vmdk", flat, datastore=datastore)
+    return make_vm(sim, si, name, [descriptor], datastore=datastore)
+
+
+def search(si, vm, path: str, sub_folders: bool = False, **spec):
+    browser = vm.datastore[0].browser
+    details = vim.host.DatastoreBrowser.FileInfo.Details(
+        fileSize=True, modification=True, fileType=True
+    )
+    spec = vim.host.DatastoreBrowser.SearchSpec(details=details, **spec)
+    method = browser.SearchDatastoreSubFolders_Task if sub_folders else browser.SearchDatastore_Task
+    task = method(datastorePath=path, searchSpec=spec)
+    WaitForTask(task)
+    return task.info.result
+
+
+def test_instance_uuid_is_settable_reported_and_differs_per_simulator(
+    sim: VcSim, si, tmp_path: Path
+):
+    assert si.content.about.instanceUuid == sim.info()["instance_uuid"] == sim.instance_uuid
+    pair = "6a2e0a4e-5bd3-4c1e-9a57-3b1f2e0c1d10"
+    with VcSim(tmp_path / "dr", model={"ds": 1}, instance_uuid=pair) as other:
+        with other.connect() as osi:
+            assert osi.content.about.instanceUuid == pair
+        assert other.info()["instance_uuid"] == pair
+    assert pair != sim.instance_uuid  # two simulators differ unless told otherwise
+
+
+def test_datastore_browser_shows_a_disk_as_one_file_with_its_real_size_and_time(sim: VcSim, si):
+    flat = os.urandom(8 * 1024 * 1024)
+    vm = make_flat_vm(sim, si, "browsed", flat)
+    folder = sim.datastore_path() / "browsed"
+    files = {p.name: p.stat() for p in folder.iterdir()}
+
+    result = search(si, vm, "[LocalDS_0] browsed")
+    found = {f.path: f for f in result.file}
+    assert "browsed_0-flat.vmdk" not in found  # vSphere shows the descriptor only
+    disk = found["browsed_0.vmdk"]
+    assert isinstance(disk, vim.host.DatastoreBrowser.VmDiskInfo)
+    assert disk.fileSize == files["browsed_0.vmdk"].st_size + len(flat)
+    latest = max(files["browsed_0.vmdk"].st_mtime, files["browsed_0-flat.vmdk"].st_mtime)
+    assert abs(disk.modification.timestamp() - latest) < 0.01
+    assert (found["browsed.vmx"].fileSize or 0) == files["browsed.vmx"].st_size  # 0 is unset
+
+    # A guest write moves the disk's time; the size stays.
+    time.sleep(0.05)
+    write_disk(sim, vm, 4096, b"\x5a" * 4096)
+    again = {f.path: f for f in search(si, vm, "[LocalDS_0] browsed").file}
+    assert again["browsed_0.vmdk"].modification > disk.modification
+    assert again["browsed_0.vmdk"].fileSize == disk.fileSize
+
+    # The same facts through a recursive search from the datastore's root, with a pattern.
+    tree = search(si, vm, "[LocalDS_0]", sub_folders=True, matchPattern=["*.vmdk"])
+    (sub,) = [r for r in tree if r.folderPath.rstrip("/").endswith("browsed")]
+    assert [f.path for f in sub.file] == ["browsed_0.vmdk"]
+    assert sub.file[0].modification == again["browsed_0.vmdk"].modification
+
+
+def test_change_id_is_set_with_cbt_and_moves_with_a_write(sim: VcSim, si):
+    vm = make_flat_vm(sim, si, "tracked", os.urandom(2 * 1024 * 1024))
+    assert not vm.config.changeTrackingEnabled
+    assert not disks_of(vm)[0].backing.changeId
+
+    WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True)))
+    assert vm.config.changeTrackingEnabled
+    first = disks_of(vm)[0].backing.changeId
+    assert CHANGE_ID.match(first), first
+    assert disks_of(vm)[0].backing.changeId == first  # stable while nothing is written
+
+    time.sleep(0.05)
+    write_disk(sim, vm, 0, os.urandom(512))
+    second = disks_of(vm)[0].backing.changeId
+    assert second != first
+    epoch = first.rsplit("/", 1)[0]
+    assert second.startswith(epoch + "/")  # same tracking epoch, later sequence
+    assert int(CHANGE_ID.match(second)[3]) > int(CHANGE_ID.match(first)[3])
+
+    WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=False)))
+    assert not disks_of(vm)[0].backing.changeId
+    WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True)))
+    assert not disks_of(vm)[0].backing.changeId.startswith(epoch)  # tracking starts anew
+
+
+def test_write_disk_changes_the_bytes_of_a_stream_optimized_disk(sim: VcSim, si, tmp_path):
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(os.urandom(1024 * 1024))
+    vmdk = tmp_path / "d.vmdk"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"]
+        + [str(raw), str(vmdk)],
+        check=True,
+    )
+    vm = make_vm(sim, si, "streamed", [vmdk.read_bytes()])
+    write_disk(sim, vm, 65536, b"new bytes")
+    back = tmp_path / "back.vmdk"
+    back.write_bytes(sim.download("streamed/streamed_0.vmdk"))
+    out = tmp_path / "back.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(back), str(out)], check=True)
+    expected = bytearray(raw.read_bytes())
+    expected[65536 : 65536 + 9] = b"new bytes"
+    assert out.read_bytes() == bytes(expected)
+
+
+def _clone(si, vm, name: str, annotation: str | None = None):
+    dc, pool = _pool(si)
+    spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool), powerOn=False)
+    if annotation:
+        spec.config = vim.vm.ConfigSpec(annotation=annotation)
+    return vm.CloneVM_Task(folder=dc.vmFolder, name=name, spec=spec)
+
+
+def _vm_names(si) -> set[str]:
+    view = si.content.viewManager.CreateContainerView(
+        si.content.rootFolder, [vim.VirtualMachine], True
+    )
+    try:
+        return {v.name for v in view.view}
+    finally:
+        view.Destroy()
+
+
+def _wait_done(task, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while task.info.state in ("queued", "running"):
+        assert time.monotonic() < deadline, "task still running"
+        time.sleep(0.1)
+    return task.info
+
+
+def test_a_slow_clone_runs_cancelable_and_cancel_leaves_nothing(sim: VcSim, si):
+    vm = make_flat_vm(sim, si, "slowsrc", os.urandom(1024 * 1024))
+    sim.knob(clone_min_ms=4000)
+    try:
+        task = _clone(si, vm, "slowdst", annotation="v2k run r1")
+        time.sleep(1)
+        info = task.info
+        assert info.state == "running" and info.cancelable
+        assert info.entity == vm and info.descriptionId == "VirtualMachine.clone"
+        assert 0 < info.progress < 100
+        assert task in si.content.taskManager.recentTask
+        # Whose clone it is: the task's events name the destination.
+        events = si.content.eventManager.QueryEvents(
+            vim.event.EventFilterSpec(
+                entity=vim.event.EventFilterSpec.ByEntity(entity=vm, recursion="self"),
+                eventTypeId=["VmBeingClonedEvent"],
+            )
+        )
+        mine = [e for e in events if e.chainId == info.eventChainId]
+        assert [e.destName for e in mine] == ["slowdst"]
+        assert "slowdst" not in _vm_names(si)  # registered at the end, as vCenter does
+
+        task.CancelTask()
+        done = _wait_done(task)
+        assert done.state == "error" and isinstance(done.error, vmodl.fault.RequestCanceled)
+        assert done.cancelled
+        assert "slowdst" not in _vm_names(si)
+        assert not (sim.datastore_path() / "slowdst").exists()
+        with pytest.raises(vim.fault.InvalidState):
+            task.CancelTask()
+    finally:
+        sim.knob(clone_min_ms=0)
+
+
+def test_clone_rate_sets_the_time_and_the_clone_carries_its_annotation(sim: VcSim, si):
+    vm = make_flat_vm(sim, si, "ratesrc", os.urandom(2 * 1024 * 1024))
+    sim.knob(clone_rate_kbps=1024)  # 2 MiB: about 2 s
+    try:
+        started = time.monotonic()
+        task = _clone(si, vm, "ratedst", annotation="v2k run r2: export clone")
+        info = _wait_done(task)
+        took = time.monotonic() - started
+    finally:
+        sim.knob(clone_rate_kbps=0)
+    assert info.state == "success", info.error
+    assert 1.8 < took < 6
+    clone = info.result
+    assert clone.name == "ratedst" and clone.config.annotation == "v2k run r2: export clone"
+    # One clone task for the client; the simulator's own inner task is not shown.
+    clones = [
+        t
+        for t in si.content.taskManager.recentTask
+        if t.info.entity == vm and t.info.descriptionId == "VirtualMachine.clone"
+    ]
+    assert clones == [task]
+    WaitForTask(clone.Destroy_Task())
+
+
+def test_a_small_datastore_reports_its_space_and_refuses_a_clone(sim: VcSim, si):
+    vm = make_flat_vm(sim, si, "bigsrc", os.urandom(4 * 1024 * 1024), datastore="LocalDS_1")
+    ds = next(d for d in vm.datastore if d.name == "LocalDS_1")
+    root = sim.datastore_path("LocalDS_1")
+    st = os.statvfs(root)
+    assert ds.summary.capacity == st.f_blocks * st.f_frsize
+    assert abs(ds.summary.freeSpace - st.f_bavail * st.f_frsize) < 64 * 1024 * 1024
+
+    used = sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
+    sim.knob(datastore="LocalDS_1", capacity_bytes=used + 1024 * 1024)
+    try:
+        assert ds.summary.capacity == used + 1024 * 1024
+        assert ds.summary.freeSpace == 1024 * 1024
+        info = _wait_done(_clone(si, vm, "bigdst"))
+        assert info.state == "error" and isinstance(info.error, vim.fault.NoDiskSpace)
+        assert info.error.datastore == "LocalDS_1"
+        assert "bigdst" not in _vm_names(si)
+    finally:
+        sim.knob(datastore="LocalDS_1", capacity_bytes=0)
+    assert ds.summary.capacity == st.f_blocks * st.f_frsize

@@ -212,55 +212,9 @@ func placeholderFlats(where types.ManagedObjectReference, changes []types.BaseVi
 	}
 }
 
-// ---- CloneVM_Task ----------------------------------------------------------------
-//
-// 0.24.2 hands the source VM's device objects to the clone and blanks their backing
-// file names so that CreateVM makes new (empty) disks: the SOURCE then points at the
-// clone's disks, and both share NIC objects and MACs. The front handler gives the
-// simulator deep copies of the source's devices to mutate, puts the originals back
-// afterwards, copies the disk contents into the clone's own files and gives the clone
-// new MACs (manual ones are kept), as vCenter does.
-
-func (f *front) cloneVM(w http.ResponseWriter, r *http.Request, body []byte, req *types.CloneVM_Task) {
-	vm := vmByRef(req.This)
-	if vm == nil {
-		f.forward(w, r, body)
-		return
-	}
-	var orig []types.BaseVirtualDevice
-	simulator.Map.WithLock(vm, func() {
-		orig = vm.Config.Hardware.Device
-		vm.Config.Hardware.Device = deepCopy(orig).([]types.BaseVirtualDevice)
-	})
-	rec := f.record(r, body)
-	simulator.Map.WithLock(vm, func() { vm.Config.Hardware.Device = orig })
-
-	if clone := vmByRef(taskResult(rec.Body.Bytes())); clone != nil {
-		if err := copyCloneDisks(vm, orig, clone); err != nil {
-			logf("clone %s: copying disks: %s", clone.Name, err)
-		}
-		macMu.Lock()
-		regenerateMACs(clone, true, func(string) bool { return false })
-		macMu.Unlock()
-	}
-	replay(w, rec)
-}
+// ---- CloneVM_Task: see clone.go ------------------------------------------------------
 
 var taskReturnval = regexp.MustCompile(`<returnval type="Task">([^<]+)</returnval>`)
-
-// taskResult is the result moref of the (finished) task a SOAP response names.
-func taskResult(response []byte) types.ManagedObjectReference {
-	m := taskReturnval.FindSubmatch(response)
-	if m == nil {
-		return types.ManagedObjectReference{}
-	}
-	task, ok := simulator.Map.Get(types.ManagedObjectReference{Type: "Task", Value: string(m[1])}).(*simulator.Task)
-	if !ok || task.Info.State != types.TaskInfoStateSuccess {
-		return types.ManagedObjectReference{}
-	}
-	ref, _ := task.Info.Result.(types.ManagedObjectReference)
-	return ref
-}
 
 // copyCloneDisks copies each source disk's file(s) over the clone's new (empty) disk
 // of the same device key, or failing that of the same position.

@@ -4,7 +4,10 @@
 // program, and adds what v2k needs and 0.24.2 lacks: VirtualMachine.ExportVm with an
 // HttpNfcLease whose device URLs serve the disks with Range support (export.go),
 // OvfManager.CreateDescriptor (descriptor.go), fixes for the faults of 0.24.2 that a
-// pyvmomi client meets (fixes.go) and fault injection for tests (faults.go).
+// pyvmomi client meets (fixes.go), fault injection for tests (faults.go), the facts
+// about data that v2k keys on (facts.go: about.instanceUuid, datastore space, CBT
+// changeIds; browser.go: file sizes and times), clones that take time and can be
+// cancelled (clone.go), and knobs for tests (knobs.go).
 //
 // The additions sit in an HTTP handler in front of the simulator (router.go): wrapping
 // *simulator.VirtualMachine in the simulator's registry breaks snapshots and container
@@ -51,6 +54,9 @@ type options struct {
 	user           string
 	leaseTimeout   int
 	trace          bool
+	instanceUUID   string
+	cloneRateKbps  int64
+	cloneMinMs     int64
 }
 
 func main() {
@@ -71,6 +77,9 @@ func main() {
 	flag.StringVar(&o.user, "user", "", "the only user accepted when VCSIM_PASSWORD is set (default administrator@vsphere.local, root with -esx)")
 	flag.IntVar(&o.leaseTimeout, "lease-timeout", 300, "seconds an export lease lives without progress or transfer")
 	flag.BoolVar(&o.trace, "trace", false, "write SOAP traffic to stderr")
+	flag.StringVar(&o.instanceUUID, "instance-uuid", "", "ServiceContent.about.instanceUuid (default: a random one)")
+	flag.Int64Var(&o.cloneRateKbps, "clone-rate-kbps", 0, "KiB/s a clone copies at (0: at once); see knobs.go")
+	flag.Int64Var(&o.cloneMinMs, "clone-min-ms", 0, "milliseconds every clone takes at least")
 	flag.Parse()
 
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
@@ -118,6 +127,12 @@ func run(o options) error {
 	// distinct MAC addresses here (0.24.2 gives the VMs of one host the same one).
 	fixModelMACs()
 
+	if o.instanceUUID == "" {
+		o.instanceUUID = randomUUID()
+	}
+	setInstanceUUID(o.instanceUUID)
+	knobs.set(o.cloneRateKbps, o.cloneMinMs)
+
 	svc := model.Service
 	tlsConfig := new(tls.Config) // without -cert: the simulator's built-in localhost certificate
 	if o.certFile != "" || o.keyFile != "" {
@@ -160,7 +175,9 @@ func run(o options) error {
 	log.Printf("listening on %s (pid %d)", sdkURL, os.Getpid())
 
 	if o.readyFile != "" {
-		ready := map[string]interface{}{"url": sdkURL, "port": addr.Port, "pid": os.Getpid()}
+		ready := map[string]interface{}{
+			"url": sdkURL, "port": addr.Port, "pid": os.Getpid(), "instance_uuid": o.instanceUUID,
+		}
 		if err := writeFileAtomic(o.readyFile, ready); err != nil {
 			server.Close()
 			model.Remove()

@@ -44,6 +44,8 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case r.URL.Path == faultPath || r.URL.Path == statsPath:
 		f.faults.ServeHTTP(w, r)
+	case r.URL.Path == knobPath:
+		knobs.ServeHTTP(w, r)
 	case strings.HasPrefix(r.URL.Path, nfcPrefix) && f.exports.serve(w, r):
 		// an export lease's disk; other /nfc/ paths are the simulator's import leases
 	case r.Method == http.MethodPost && (r.URL.Path == "/sdk" || r.URL.Path == "/sdk/vimService"):
@@ -71,7 +73,7 @@ func (f *front) serveSDK(w http.ResponseWriter, r *http.Request) {
 
 	switch method.Name {
 	case "RetrieveProperties", "RetrievePropertiesEx", "WaitForUpdatesEx", "Fetch":
-		stampUnversioned()
+		refreshFacts()
 	}
 
 	switch method.Name {
@@ -101,6 +103,18 @@ func (f *front) serveSDK(w http.ResponseWriter, r *http.Request) {
 		return
 	case "CloneVM_Task":
 		f.cloneVM(w, r, body, method.Body.(*types.CloneVM_Task))
+		return
+	case "CancelTask":
+		req := method.Body.(*types.CancelTask)
+		req.This = f.helperFor(req.This)
+		body = encodeRequest(method.Name, req)
+	case "SearchDatastore_Task":
+		req := method.Body.(*types.SearchDatastore_Task)
+		f.searchDatastore(w, r, &req.SearchSpec, func() []byte { return encodeRequest(method.Name, req) })
+		return
+	case "SearchDatastoreSubFolders_Task":
+		req := method.Body.(*types.SearchDatastoreSubFolders_Task)
+		f.searchDatastore(w, r, &req.SearchSpec, func() []byte { return encodeRequest(method.Name, req) })
 		return
 	}
 
