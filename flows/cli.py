@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     help="v2k moves virtual machines from VMware vCenter/ESXi to KVM hosts.",
@@ -35,13 +36,17 @@ def inventory(
     from blocks import VCenter
     from blocks.vcenter import VCenterError
     from flows.inventory import read_inventory
-    from tasks.inventory import COLUMNS, check_power_state, table_rows
+    from tasks.inventory import COLUMNS, check_folder, check_power_state, table_rows
     from tasks.vcenter import SourceError
 
     try:
         check_power_state(power_state)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--power-state") from None
+    try:
+        check_folder(folder)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--folder") from None
     try:
         block = VCenter.load(vcenter)
     except ValueError as exc:
@@ -56,11 +61,12 @@ def inventory(
         json.dump([vm.model_dump(mode="json") for vm in vms], sys.stdout, indent=2)
         print()
         return
-    table = Table(title=f"{len(vms)} VM(s) in {vcenter}")
+    table = Table(title=Text(f"{len(vms)} VM(s) in {vcenter}"))
     for column in COLUMNS:
         table.add_column(column, overflow="fold")
     for row in table_rows(vms):
-        table.add_row(*(row[c] for c in COLUMNS))
+        # Text: a name holding `[b]` is shown as it is, not read as rich markup.
+        table.add_row(*(Text(row[c]) for c in COLUMNS))
     Console().print(table)
 
 
@@ -154,7 +160,7 @@ def migrate(
     if as_json:
         print(result.model_dump_json(indent=2))
         return
-    table = Table(title=f"{result.vm} -> {result.domain_name} on {result.import_host}")
+    table = Table(title=Text(f"{result.vm} -> {result.domain_name} on {result.import_host}"))
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     table.add_column("detail")
@@ -305,7 +311,7 @@ def wave(
         table.add_column(column, overflow="fold")
     for v in summary.vms:
         table.add_row(
-            v.vm,
+            Text(v.vm),
             v.result,
             f"{v.seconds:.0f}",
             human_bytes(v.bytes_exported) if v.bytes_exported is not None else "",

@@ -28,7 +28,7 @@ from blocks import (
 from blocks.cache import loads_cached
 from blocks.vcenter import VCenterError
 from flows.limits import existing_limits, limit_name, slot
-from tasks import events, kvm, resume, ssh
+from tasks import events, kvm, resume, ssh, vmpath
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree, remove_tree_on_host
 from tasks.convert import ConvertRefused, convert_vm
@@ -550,7 +550,7 @@ def _run_id(flow_run_id: str) -> str:
 def _summary(result: MigrationResult) -> str:
     rows = "\n".join(f"| {s.name} | {s.seconds:.1f} | {s.detail} |" for s in result.stages)
     sums = "\n".join(f"| {name} | `{digest}` |" for name, digest in result.checksums.items())
-    return f"""# Migrated {result.vm}
+    return f"""# Migrated {vmpath.markdown(result.vm)}
 
 | | |
 |---|---|

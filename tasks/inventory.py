@@ -449,6 +449,15 @@ def check_power_state(value: str | None) -> str | None:
     raise ValueError(f"power state {value!r}: use one of {', '.join(POWER_STATES)}")
 
 
+def check_folder(folder: str | None) -> list[str]:
+    """The names of a folder filter (none for None or blank).
+
+    Raises:
+        ValueError: the folder is not a path (an empty name in it).
+    """
+    return vmpath.split_path(folder) if folder and folder.strip() else []
+
+
 def filter_vms(
     vms: Iterable[VmSummary],
     name_glob: str = "*",
@@ -469,7 +478,7 @@ def filter_vms(
     """
     state = check_power_state(power_state)
     glob = name_glob or "*"
-    want = vmpath.split_path(folder) if folder and folder.strip() else []
+    want = check_folder(folder)
     absolute = bool(want) and folder.startswith("/")
 
     def in_folder(vm: VmSummary) -> bool:

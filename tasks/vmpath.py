@@ -69,3 +69,12 @@ def name_matches(name: str, glob: str, *, ignore_case: bool = False) -> bool:
     (`app%2fdb*`) or as the vSphere Client shows it (`app/db*`)."""
     fold = str.lower if ignore_case else str
     return any(fnmatchcase(fold(n), fold(glob)) for n in {name, unescape(name)})
+
+
+def markdown(path: str) -> str:
+    """The path as a markdown code span, which shows it as it is (no `*` or `_` read as
+    emphasis): fenced with more backticks than it holds in a row."""
+    run = max((len(r) for r in re.findall(r"`+", path)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if path.startswith("`") or path.endswith("`") else ""
+    return f"{fence}{pad}{path}{pad}{fence}"

@@ -37,6 +37,7 @@ SPECIAL = {
     "command": "$(reboot) `id`",
     "dotdot": "../../etc/passwd",
     "escape-lookalike": "a%2fb",
+    "markup": "[b]web[/b] *01*",
 }
 # (folder as vCenter stores its names, VM name): one name in two folders, and a name
 # that maps to the same domain name as those.
@@ -116,6 +117,11 @@ def test_escape_is_vcenters():
     assert libvirt_name("app%2fdb 02") == "app-db-02"  # the name as people see it
 
 
+def test_markdown_shows_a_path_as_it_is():
+    assert vmpath.markdown("/DC0/vm/*a*") == "`/DC0/vm/*a*`"
+    assert vmpath.markdown("/DC0/vm/a`b``") == "``` /DC0/vm/a`b`` ```"
+
+
 @pytest.mark.parametrize("text", ["", "/", "a//b", "//DC0/vm/x"])
 def test_a_path_with_an_empty_name_is_refused(text):
     with pytest.raises(vmpath.PathError, match="%2f"):
@@ -189,6 +195,29 @@ def test_a_wave_selects_each_vm_by_its_printed_path(vcenter_block, listed):
     assert {(r.moref, r.item.vm) for r in globbed} == {(vm.moref, vm.path) for vm in listed}
     shown = find_vms(vcenter_block, [], "app/db*")
     assert [r.path for r in shown] == [f"/DC0/vm/{FOLDER}/app%2fdb 01"]
+
+
+def test_cli_prints_paths_that_resolve(vcenter_block, namebed, listed):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["inventory", "--vcenter", vcenter_block]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    printed = [row["path"] for row in json.loads(result.stdout)]
+    assert printed == [vm.path for vm in listed]
+    with namebed.vcsim.connect() as si:
+        dc = vc.datacenter(si, None)
+        assert [vc.find_vm(si, dc, path)._moId for path in printed] == [vm.moref for vm in listed]
+    # The table shows names as they are: `[b]` is no rich markup.
+    result = CliRunner().invoke(app, [*args, "--name", "*web*"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert f"/DC0/vm/{FOLDER}/[b]web[%2fb] *01*" in result.stdout
+    result = CliRunner().invoke(app, [*args, "--folder", "A//B"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "empty name" in result.output
 
 
 # --- waves and their targets -----------------------------------------------------------
