@@ -23,6 +23,7 @@ from tasks import vcenter as vc
 from tasks import vmpath
 from tasks.errors import Refused
 from tasks.models import MigrationRequest, MigrationResult, libvirt_name
+from tasks.plan import plan_markdown
 
 # Names as people type them in the vSphere Client, by what makes them awkward.
 SPECIAL = {
@@ -218,6 +219,41 @@ def test_cli_prints_paths_that_resolve(vcenter_block, namebed, listed):
     assert f"/DC0/vm/{FOLDER}/[b]web[%2fb] *01*" in result.stdout
     result = CliRunner().invoke(app, [*args, "--folder", "A//B"], env={"COLUMNS": "400"})
     assert result.exit_code == 2 and "empty name" in result.output
+
+
+def test_every_vm_of_the_test_bed_plans_by_its_printed_path(bed, bed_blocks):
+    """The default inventory (with `ops "blue" ... ü` in `Lab/team%2fblue ü`) through
+    plan, whose path goes back into plan and a wave's selection."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.plan import make_plan
+
+    with bed.vcsim.connect() as si:
+        listed = inv.list_vms(si, vc.datacenter(si, None))
+    assert any(vm.folder == "Lab/team%2fblue ü" for vm in listed)
+    common = dict(
+        vcenter=bed_blocks["vcenter"],
+        cluster=bed_blocks["cluster"],
+        temporary_storage=bed_blocks["scratch"],
+    )
+    for vm in listed:
+        plan = make_plan(MigrationRequest(vm=vm.path, **common))
+        assert (plan.spec.moref, plan.vm) == (vm.moref, vm.path)
+        assert vmpath.markdown(vm.path) in plan_markdown(plan)
+    found = find_vms(bed_blocks["vcenter"], [WaveVm(vm=vm.path) for vm in listed], None)
+    assert [r.moref for r in found] == [vm.moref for vm in listed]
+
+    (odd,) = [vm for vm in listed if vm.folder.startswith("Lab/")]
+    args = ["plan", odd.path, "--vcenter", common["vcenter"], "--cluster", common["cluster"]]
+    result = CliRunner().invoke(app, [*args, "--storage", common["temporary_storage"], "--json"])
+    assert result.exit_code in (0, 1), result.output
+    printed = json.loads(result.stdout)["vm"]
+    assert printed == odd.path
+    again = make_plan(MigrationRequest(vm=printed, **common))
+    assert again.spec.moref == odd.moref
 
 
 # --- waves and their targets -----------------------------------------------------------
