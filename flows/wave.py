@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
@@ -526,9 +527,11 @@ def migrate_wave(
     wave_run = flow_run.get_id() or "local"
     attempt = flow_run.get_run_count() or 1
     position = {id(r): i for i, r in enumerate(resolved)}
+    names = Counter(r.name for r in resolved)
     pending = []
     for r in _interleave(resolved):
-        label = r.name or r.item.vm
+        # By name, which reads best; by path where two VMs of the wave share the name.
+        label = (r.name if names[r.name] == 1 else r.path) or r.item.vm
         if r.error:
             record(
                 VmOutcome(vm=label, result="failed", seconds=0.0, error=r.error), position[id(r)]

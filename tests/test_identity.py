@@ -358,6 +358,9 @@ def test_target_name_per_vm_lets_the_wave_go(stand_in):
         **stand_in,
     )
     assert (summary.total, summary.failed) == (3, 0)
+    # One name twice in the wave: its VMs are told apart by path in the summary.
+    labels = sorted(v.vm for v in summary.vms)
+    assert labels == ["/DC0/vm/A/web 01", "/DC0/vm/B%2fC/web 01", "web-01"]
     assert sorted((r.vm, r.target_name) for r in _ran) == [
         ("/DC0/vm/A/web 01", "web-01-a"),
         ("/DC0/vm/A/web-01", None),
