@@ -239,6 +239,12 @@ def wave(
     ] = None,
     file: str | None = typer.Option(None, "--file", "-f", help="YAML wave file."),
     name: str | None = typer.Option(None, help="Also every VM whose name matches this glob."),
+    target_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target-name", help="VM=NAME: the domain name for one VM (given as in the list)."
+        ),
+    ] = None,
     vcenter: str | None = typer.Option(None, help="VCenter block name."),
     cluster: str | None = typer.Option(None, help="KvmCluster block name."),
     storage: str | None = typer.Option(None, help="TemporaryStorage block name."),
@@ -264,14 +270,24 @@ def wave(
     Examples:
       v2k wave web-01 web-02 db-01 --vcenter prod-vc --cluster kvm-prod --storage scratch
       v2k wave --file waves/tuesday.yaml --max-in-flight 8
+      v2k wave /DC0/vm/A/web-01 /DC0/vm/B/web-01 --target-name /DC0/vm/B/web-01=web-01-b ...
       v2k wave --name 'web-*' --vcenter prod-vc --cluster kvm-prod --storage scratch \\
           --via-deployment
     """
     from flows.wave import WaveFailed, migrate_wave
     from tasks.progress import human_bytes
 
+    entries: list = list(vms or [])
+    for pair in target_name or []:
+        vm, _, domain = pair.rpartition("=")  # a domain name holds no `=`, a VM name may
+        if not vm:
+            raise typer.BadParameter(f"{pair!r}: write VM=NAME", param_hint="--target-name")
+        entry = {"vm": vm, "target_name": domain}
+        entries = [entry if e == vm else e for e in entries]
+        if entry not in entries:
+            entries.append(entry)
     params = dict(
-        vms=vms or None,
+        vms=entries or None,
         wave_file=file,
         name_glob=name,
         vcenter=vcenter,

@@ -368,6 +368,25 @@ def test_target_name_per_vm_lets_the_wave_go(stand_in):
     ]
 
 
+def test_cli_wave_refuses_and_takes_target_names(stand_in):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    twins = ["/DC0/vm/A/web 01", "/DC0/vm/B%2fC/web 01"]
+    args = ["wave", *twins, "--vcenter", stand_in["vcenter"], "--cluster", stand_in["cluster"]]
+    args += ["--storage", stand_in["temporary_storage"]]
+    refused = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert refused.exit_code == 2 and "several VMs to one domain name" in refused.output
+    assert not _ran
+    named = CliRunner().invoke(app, [*args, "--target-name", f"{twins[1]}=web-01-bc", "--json"])
+    assert named.exit_code == 0, named.output
+    assert sorted((r.vm, r.target_name) for r in _ran) == [
+        (twins[0], None),
+        (twins[1], "web-01-bc"),
+    ]
+
+
 def test_a_vm_selected_twice_runs_once(stand_in, listed):
     (vm,) = [v for v in listed if v.name == "100%25 done"]
     summary = migrate_wave(
