@@ -229,7 +229,7 @@ def find_vms(vcenter: str, items: list[WaveVm], name_glob: str | None) -> list[R
             host = hosts.get(moref)
             found = ResolvedVm(
                 item=item,
-                name=summary.name if summary else vm.name,
+                name=summary.name if summary else vmpath.escape(vm.name),
                 path=summary.path if summary else vc.inventory_path(vm),
                 moref=moref,
                 esxi_host=host_names.get(host._moId) if host is not None else None,
