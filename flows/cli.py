@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     help="v2k moves virtual machines from VMware vCenter/ESXi to KVM hosts.",
@@ -35,13 +36,17 @@ def inventory(
     from blocks import VCenter
     from blocks.vcenter import VCenterError
     from flows.inventory import read_inventory
-    from tasks.inventory import COLUMNS, check_power_state, table_rows
+    from tasks.inventory import COLUMNS, check_folder, check_power_state, table_rows
     from tasks.vcenter import SourceError
 
     try:
         check_power_state(power_state)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--power-state") from None
+    try:
+        check_folder(folder)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--folder") from None
     try:
         block = VCenter.load(vcenter)
     except ValueError as exc:
@@ -56,11 +61,12 @@ def inventory(
         json.dump([vm.model_dump(mode="json") for vm in vms], sys.stdout, indent=2)
         print()
         return
-    table = Table(title=f"{len(vms)} VM(s) in {vcenter}")
+    table = Table(title=Text(f"{len(vms)} VM(s) in {vcenter}"))
     for column in COLUMNS:
         table.add_column(column, overflow="fold")
     for row in table_rows(vms):
-        table.add_row(*(row[c] for c in COLUMNS))
+        # Text: a name holding `[b]` is shown as it is, not read as rich markup.
+        table.add_row(*(Text(row[c]) for c in COLUMNS))
     Console().print(table)
 
 
@@ -154,7 +160,7 @@ def migrate(
     if as_json:
         print(result.model_dump_json(indent=2))
         return
-    table = Table(title=f"{result.vm} -> {result.domain_name} on {result.import_host}")
+    table = Table(title=Text(f"{result.vm} -> {result.domain_name} on {result.import_host}"))
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     table.add_column("detail")
@@ -233,6 +239,12 @@ def wave(
     ] = None,
     file: str | None = typer.Option(None, "--file", "-f", help="YAML wave file."),
     name: str | None = typer.Option(None, help="Also every VM whose name matches this glob."),
+    target_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target-name", help="VM=NAME: the domain name for one VM (given as in the list)."
+        ),
+    ] = None,
     vcenter: str | None = typer.Option(None, help="VCenter block name."),
     cluster: str | None = typer.Option(None, help="KvmCluster block name."),
     storage: str | None = typer.Option(None, help="TemporaryStorage block name."),
@@ -258,14 +270,24 @@ def wave(
     Examples:
       v2k wave web-01 web-02 db-01 --vcenter prod-vc --cluster kvm-prod --storage scratch
       v2k wave --file waves/tuesday.yaml --max-in-flight 8
+      v2k wave /DC0/vm/A/web-01 /DC0/vm/B/web-01 --target-name /DC0/vm/B/web-01=web-01-b ...
       v2k wave --name 'web-*' --vcenter prod-vc --cluster kvm-prod --storage scratch \\
           --via-deployment
     """
     from flows.wave import WaveFailed, migrate_wave
     from tasks.progress import human_bytes
 
+    entries: list = list(vms or [])
+    for pair in target_name or []:
+        vm, _, domain = pair.rpartition("=")  # a domain name holds no `=`, a VM name may
+        if not vm:
+            raise typer.BadParameter(f"{pair!r}: write VM=NAME", param_hint="--target-name")
+        entry = {"vm": vm, "target_name": domain}
+        entries = [entry if e == vm else e for e in entries]
+        if entry not in entries:
+            entries.append(entry)
     params = dict(
-        vms=vms or None,
+        vms=entries or None,
         wave_file=file,
         name_glob=name,
         vcenter=vcenter,
@@ -305,7 +327,7 @@ def wave(
         table.add_column(column, overflow="fold")
     for v in summary.vms:
         table.add_row(
-            v.vm,
+            Text(v.vm),
             v.result,
             f"{v.seconds:.0f}",
             human_bytes(v.bytes_exported) if v.bytes_exported is not None else "",

@@ -20,6 +20,7 @@ def read_inventory(
 ) -> list[VmSummary]:
     """List the VMs of the block's datacenter, filtered (see `tasks.inventory.filter_vms`)."""
     inv.check_power_state(power_state)  # a typo fails before connecting
+    inv.check_folder(folder)
     with vcenter.connect() as si:
         vms = inv.list_vms(si, vc.datacenter(si, vcenter.datacenter))
     return inv.filter_vms(vms, name_glob, folder, power_state)
@@ -72,6 +73,7 @@ def inventory(
     """
     _check_source(vcenter, inline)  # mistakes fail before any connection
     inv.check_power_state(power_state)
+    inv.check_folder(folder)
     source = vcenter or (inline.host if inline else "?")
     vms = read_inventory_task(vcenter, inline, name_glob, folder, power_state)
     filters = [

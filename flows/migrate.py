@@ -36,7 +36,7 @@ from flows.cleanup import (
     run_id_of,
 )
 from flows.limits import existing_limits, limit_name, slot
-from tasks import events, kvm, resume, ssh
+from tasks import events, kvm, resume, ssh, vmpath
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree
 from tasks.convert import ConvertRefused, convert_vm
@@ -480,7 +480,7 @@ def _run_id(flow_run_id: str) -> str:
 def _summary(result: MigrationResult) -> str:
     rows = "\n".join(f"| {s.name} | {s.seconds:.1f} | {s.detail} |" for s in result.stages)
     sums = "\n".join(f"| {name} | `{digest}` |" for name, digest in result.checksums.items())
-    return f"""# Migrated {result.vm}
+    return f"""# Migrated {vmpath.markdown(result.vm)}
 
 | | |
 |---|---|

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from contextlib import nullcontext
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
@@ -51,7 +51,10 @@ from blocks import KvmCluster, VCenter
 from blocks.cache import loads_cached
 from flows.limits import ensure_limits, limit_name, slot
 from flows.migrate import migrate_vm
+from tasks import inventory as inv
 from tasks import vcenter as vc
+from tasks import vmpath
+from tasks.errors import Refused, retry_condition
 from tasks.models import MigrationRequest, libvirt_name
 
 MIGRATE_DEPLOYMENT = "migrate-vm/migrate-vm"
@@ -118,6 +121,7 @@ class ResolvedVm(BaseModel):
 
     item: WaveVm
     name: str | None = None
+    path: str | None = None
     moref: str | None = None
     esxi_host: str | None = None
     error: str | None = None
@@ -176,9 +180,22 @@ def _error_text(exc: BaseException | None, fallback: str) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _overrides(item: WaveVm) -> dict:
+    """What an entry sets besides the VM itself."""
+    return item.model_dump(exclude={"vm"}, exclude_none=True)
+
+
 def find_vms(vcenter: str, items: list[WaveVm], name_glob: str | None) -> list[ResolvedVm]:
     """Find each VM (and the VMs whose name matches the glob) and its ESXi host, in one
-    vCenter session. A VM that cannot be found gets an error instead; duplicates go."""
+    vCenter session. A VM that cannot be found gets an error instead.
+
+    A VM selected twice (listed twice, or listed and matched by the glob) is in the wave
+    once, with the entry that sets overrides (target_name...). VMs matched by the glob
+    are given by their inventory path, which names them exactly (tasks/vmpath.py).
+
+    Raises:
+        Refused: one VM is listed twice with different overrides.
+    """
     block = VCenter.load(vcenter)
     with block.connect() as si:
         dc = vc.datacenter(si, block.datacenter)
@@ -186,44 +203,90 @@ def find_vms(vcenter: str, items: list[WaveVm], name_glob: str | None) -> list[R
             obj._moId: props["name"]
             for obj, props in vc.retrieve(si, dc.hostFolder, vc.vim.HostSystem, ["name"])
         }
-        vms = {
-            obj._moId: (props.get("name"), props.get("runtime.host"))
-            for obj, props in vc.retrieve(
-                si, dc.vmFolder, vc.vim.VirtualMachine, ["name", "runtime.host"]
-            )
+        hosts = {
+            obj._moId: props.get("runtime.host")
+            for obj, props in vc.retrieve(si, dc.vmFolder, vc.vim.VirtualMachine, ["runtime.host"])
         }
-        wanted = list(items)
-        if name_glob:
-            names = [name for name, _ in vms.values()]
-            for moref, (name, _) in sorted(vms.items(), key=lambda kv: str(kv[1][0])):
-                if name and fnmatch(name, name_glob):
-                    # By name where it is unique: run names and logs read better.
-                    wanted.append(WaveVm(vm=name if names.count(name) == 1 else moref))
+        listed = {vm.moref: vm for vm in inv.list_vms(si, dc)}
         resolved: list[ResolvedVm] = []
-        seen: set[str] = set()
-        for item in wanted:
+        by_moref: dict[str, ResolvedVm] = {}
+
+        def add(item: WaveVm, moref: str, vm=None) -> None:
+            seen = by_moref.get(moref)
+            if seen is not None:
+                log.warning("%s is selected twice in the wave: migrated once", item.vm)
+                mine, theirs = _overrides(item), _overrides(seen.item)
+                if mine and theirs and mine != theirs:
+                    raise Refused(
+                        f"{seen.path} ({moref}) is listed twice in the wave with different "
+                        f"settings: {seen.item.vm!r} with {theirs}, {item.vm!r} with {mine}.",
+                        fix="list the VM once",
+                    )
+                if mine and not theirs:
+                    seen.item = item
+                return
+            summary = listed.get(moref)
+            host = hosts.get(moref)
+            found = ResolvedVm(
+                item=item,
+                name=summary.name if summary else vmpath.escape(vm.name),
+                path=summary.path if summary else vc.inventory_path(vm),
+                moref=moref,
+                esxi_host=host_names.get(host._moId) if host is not None else None,
+            )
+            by_moref[moref] = found
+            resolved.append(found)
+
+        for item in items:
             try:
-                moref = vc.find_vm(si, dc, item.vm)._moId
+                vm = vc.find_vm(si, dc, item.vm)
             except vc.SourceError as exc:
                 resolved.append(ResolvedVm(item=item, error=_error_text(exc, "")))
                 continue
-            if moref in seen:
-                log.warning("%s is listed twice in the wave: migrated once", item.vm)
-                continue
-            seen.add(moref)
-            name, host = vms.get(moref, (None, None))
-            resolved.append(
-                ResolvedVm(
-                    item=item,
-                    name=name,
-                    moref=moref,
-                    esxi_host=host_names.get(host._moId) if host is not None else None,
-                )
-            )
+            add(item, vm._moId, vm)
+        if name_glob:
+            for summary in listed.values():
+                if vmpath.name_matches(summary.name, name_glob):
+                    add(WaveVm(vm=summary.path), summary.moref)
     return resolved
 
 
-@task(name="resolve-vms", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def target_of(resolved: ResolvedVm) -> str:
+    """The domain name migrate-vm will give the VM (as tasks/preflight.py derives it)."""
+    return resolved.item.target_name or libvirt_name(resolved.name or resolved.item.vm)
+
+
+def check_targets(resolved: list[ResolvedVm]) -> None:
+    """Refuse a wave in which two VMs would get the same domain name on the cluster.
+
+    Raises:
+        Refused: names every such group of VMs and the fix.
+    """
+    groups: dict[str, list[ResolvedVm]] = {}
+    for r in resolved:
+        if not r.error:
+            groups.setdefault(target_of(r), []).append(r)
+    taken = {t: rs for t, rs in sorted(groups.items()) if len(rs) > 1}
+    if taken:
+        lines = "; ".join(
+            f"{target!r} by " + ", ".join(f"{r.path} ({r.moref})" for r in rs)
+            for target, rs in taken.items()
+        )
+        raise Refused(
+            f"the wave would migrate several VMs to one domain name: {lines}.",
+            fix="give these VMs a target_name each (in vms or a wave file: "
+            "`{vm: PATH, target_name: NAME}`), or narrow the selection (vms, name_glob) "
+            "to one VM per name",
+        )
+
+
+@task(
+    name="resolve-vms",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_condition,
+)
 def resolve_vms(vcenter: str, items: list[WaveVm], name_glob: str | None) -> list[ResolvedVm]:
     """`find_vms` as a task, its warnings in the run's log."""
     return find_vms(vcenter, items, name_glob)
@@ -366,7 +429,7 @@ def _table(summary: WaveSummary) -> list[dict]:
 
 @flow(name="migrate-wave")
 def migrate_wave(
-    vms: list[str] | None = None,
+    vms: list[str | WaveVm] | None = None,
     wave_file: str | None = None,
     name_glob: str | None = None,
     vcenter: str | None = None,
@@ -382,7 +445,8 @@ def migrate_wave(
     """Migrate many VMs, at most `max_in_flight` at once; one VM's failure stops no other.
 
     Args:
-        vms: VMs by name, inventory path, moref or instance UUID.
+        vms: VMs by name, inventory path, moref or instance UUID; or entries like a
+            wave file's (`{vm: PATH, target_name: NAME}`).
         wave_file: A YAML wave file on the worker (VMs with per-VM overrides, and
             defaults for the parameters below).
         name_glob: Also every VM of the datacenter whose name matches this glob.
@@ -423,13 +487,14 @@ def migrate_wave(
     ]
     if missing:
         raise ValueError(f"set {', '.join(missing)} (as parameters or in the wave file)")
-    items = [WaveVm(vm=v) for v in vms or []] + plan.vms
+    items = [v if isinstance(v, WaveVm) else WaveVm(vm=v) for v in vms or []] + plan.vms
     if not items and not name_glob:
         raise ValueError("no VM in the wave: give vms, a wave_file or a name_glob")
 
     resolved = resolve_vms(vcenter, items, name_glob)
     if not resolved:
         raise ValueError(f"no VM matches {name_glob!r}")
+    check_targets(resolved)  # before anything is created
     esxi_hosts = sorted({r.esxi_host for r in resolved if r.esxi_host})
     kvm_hosts = KvmCluster.load(cluster).hosts
     ensure_limits(
@@ -462,9 +527,11 @@ def migrate_wave(
     wave_run = flow_run.get_id() or "local"
     attempt = flow_run.get_run_count() or 1
     position = {id(r): i for i, r in enumerate(resolved)}
+    names = Counter(r.name for r in resolved)
     pending = []
     for r in _interleave(resolved):
-        label = r.name or r.item.vm
+        # By name, which reads best; by path where two VMs of the wave share the name.
+        label = (r.name if names[r.name] == 1 else r.path) or r.item.vm
         if r.error:
             record(
                 VmOutcome(vm=label, result="failed", seconds=0.0, error=r.error), position[id(r)]

@@ -25,7 +25,6 @@ import io
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from functools import lru_cache
 from http.client import HTTPException
 from typing import Literal
@@ -33,9 +32,10 @@ from typing import Literal
 from pyVmomi import SoapAdapter, VmomiSupport, vim, vmodl
 
 from blocks.vcenter import service_content
+from tasks import vmpath
 from tasks.models import VmSummary
 from tasks.progress import human_bytes
-from tasks.vcenter import _count_snapshots, inventory_path
+from tasks.vcenter import _count_snapshots, inventory_names
 
 POWER_STATES = ("poweredOn", "poweredOff", "suspended")
 
@@ -341,11 +341,6 @@ def _xml_possible(si) -> bool:
 # --- the rows ---------------------------------------------------------------------------
 
 
-def _escape(name: str) -> str:
-    # vCenter escapes "/" in names itself; a simulator or old host may not.
-    return name.replace("/", "%2f")
-
-
 def list_vms(
     si,
     dc: vim.Datacenter,
@@ -361,7 +356,7 @@ def list_vms(
     `parser` says how the answer is read (see the module docstring); "xml" falls back
     to "pyvmomi" when the connection is not pyvmomi's SOAP stub.
     """
-    dc_path = inventory_path(dc)
+    dc_names = inventory_names(dc)
     vm_root = dc.vmFolder._moId
     if parser == "xml" and _xml_possible(si):
         objects = _read_xml(si, dc, page_size)
@@ -385,7 +380,7 @@ def list_vms(
         elif o.type == "OpaqueNetwork" and v.get("opaqueNetworkId"):
             networks[("opaque", v["opaqueNetworkId"])] = v.get("name")
 
-    def folder_of(parent: str | None, vapp: str | None) -> str:
+    def folder_of(parent: str | None, vapp: str | None) -> list[str]:
         """Names from below the datacenter's VM folder down to this parent."""
         parts: list[str] = []
         seen: set[str] = set()
@@ -399,8 +394,8 @@ def list_vms(
                 name, node = folders[node]
             else:  # outside the datacenter's VM folder: should not happen
                 break
-            parts.append(_escape(name))
-        return "/".join(reversed(parts))
+            parts.append(name)
+        return list(reversed(parts))
 
     def network(nic: _Nic) -> str | None:
         if nic.kind == "name":
@@ -416,10 +411,10 @@ def list_vms(
         tools = v.get("summary.guest.toolsStatus") or v.get("guest.toolsRunningStatus")
         summaries.append(
             VmSummary(
-                name=name,
+                name=vmpath.escape(name),
                 moref=o.moref,
-                path="/".join(p for p in (f"{dc_path}/vm", folder, _escape(name)) if p),
-                folder=folder,
+                path=vmpath.format_path([*dc_names, "vm", *folder, name]),
+                folder=vmpath.join_names(folder),
                 power_state=v.get("runtime.powerState", "unknown"),
                 guest_id=v.get("config.guestId"),
                 guest_full_name=v.get("config.guestFullName"),
@@ -454,6 +449,15 @@ def check_power_state(value: str | None) -> str | None:
     raise ValueError(f"power state {value!r}: use one of {', '.join(POWER_STATES)}")
 
 
+def check_folder(folder: str | None) -> list[str]:
+    """The names of a folder filter (none for None or blank).
+
+    Raises:
+        ValueError: the folder is not a path (an empty name in it).
+    """
+    return vmpath.split_path(folder) if folder and folder.strip() else []
+
+
 def filter_vms(
     vms: Iterable[VmSummary],
     name_glob: str = "*",
@@ -462,28 +466,34 @@ def filter_vms(
 ) -> list[VmSummary]:
     """The VMs that match every filter given.
 
-    - name_glob: shell glob on the VM name (`web-*`), case-insensitive.
+    - name_glob: shell glob on the VM name (`web-*`), case-insensitive; a `/` in a name
+      may be written as vCenter stores it (`%2f`) or as it shows it (`/`).
     - folder: the folder and everything below it, relative to the datacenter's VM
-      folder (`Prod/Web`) or as an inventory path (`/DC0/vm/Prod`). Whole names only:
-      `Prod` does not match `Production`.
+      folder (`Prod/Web`) or as an inventory path (`/DC0/vm/Prod`), names written as
+      in paths (tasks/vmpath.py). Whole names only: `Prod` does not match `Production`.
+
+    Raises:
+        ValueError: the folder is not a path (an empty name in it).
     - power_state: poweredOn, poweredOff or suspended (any case, or on/off).
     """
     state = check_power_state(power_state)
-    glob = (name_glob or "*").lower()
-    want = (folder or "").strip()
-    absolute = want.startswith("/")
-    want = want.strip("/")
+    glob = name_glob or "*"
+    want = check_folder(folder)
+    absolute = bool(want) and folder.startswith("/")
 
     def in_folder(vm: VmSummary) -> bool:
         if not want:
             return True
-        where = vm.path.rsplit("/", 1)[0].lstrip("/") if absolute else vm.folder
-        return where == want or where.startswith(want + "/")
+        if absolute:
+            where = vmpath.split_path(vm.path)[:-1]
+        else:
+            where = vmpath.split_path(vm.folder) if vm.folder else []
+        return where[: len(want)] == want
 
     return [
         vm
         for vm in vms
-        if fnmatchcase(vm.name.lower(), glob)
+        if vmpath.name_matches(vm.name, glob, ignore_case=True)
         and (state is None or vm.power_state == state)
         and in_folder(vm)
     ]

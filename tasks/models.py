@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from blocks.vcenter import InlineVCenter
+from tasks.vmpath import unescape
 
 _LIBVIRT_NAME_BAD = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -16,10 +17,11 @@ _LIBVIRT_NAME_BAD = re.compile(r"[^A-Za-z0-9._+-]+")
 def libvirt_name(source_name: str) -> str:
     """A domain name libvirt and every shell take, derived from a VMware VM name.
 
-    Runs of other characters become `-`; a name that starts with `.` or `-` gets a `vm`
-    prefix so it can never be read as a path or an option.
+    The name is read as the vSphere Client shows it (`app%2fdb` is `app/db`). Runs of
+    other characters become `-`; a name that starts with `.` or `-` gets a `vm` prefix so
+    it can never be read as a path or an option.
     """
-    name = _LIBVIRT_NAME_BAD.sub("-", source_name).strip("-")
+    name = _LIBVIRT_NAME_BAD.sub("-", unescape(source_name)).strip("-")
     if not name or name[0] in ".-":
         name = f"vm-{name}".rstrip("-")
     return name[:100]
@@ -140,7 +142,7 @@ class VmSpec(BaseModel):
     instance_uuid: str | None
     inventory_path: str
     inventory_names: list[str] = Field(
-        default_factory=list, description="Datacenter, folders and VM name, unescaped."
+        default_factory=list, description="Datacenter, folders and VM name, as vCenter stores them."
     )
     guest_id: str | None
     guest_full_name: str | None = None

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from blocks import KvmCluster, MigrationSettings, TemporaryStorage
-from tasks import kvm
+from tasks import kvm, vmpath
 from tasks.convert import virt_v2v_argv
 from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
 from tasks.models import HostChoice, HostProbe, MigrationRequest, VmSpec
@@ -202,7 +202,7 @@ def plan_markdown(plan: Plan) -> str:
         if plan.critical
         else "**ready to migrate**"
     )
-    lines = [f"# Plan for {plan.vm} -> `{plan.target_name}`", "", verdict, ""]
+    lines = [f"# Plan for {vmpath.markdown(plan.vm)} -> `{plan.target_name}`", "", verdict, ""]
     lines += ["| severity | rule | concern | fix |", "|---|---|---|---|"]
     lines += [f"| {c.severity} | {c.rule} | {c.message} | {c.fix} |" for c in plan.concerns]
     if not plan.concerns:

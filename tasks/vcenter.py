@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pyVmomi import vim, vmodl
 
 from blocks.vcenter import service_content
+from tasks import vmpath
 from tasks.models import DiskSpec, NicSpec, VmSpec
 
 _MOREF = re.compile(r"^vm-\d+$")
@@ -79,7 +80,7 @@ def datacenter(si, name: str | None) -> vim.Datacenter:
 
 
 def inventory_names(obj) -> list[str]:
-    """The names from the datacenter down to the entity, as they are (unescaped)."""
+    """The names from the datacenter down to the entity, as vCenter stores them."""
     parts = []
     while obj.parent is not None:
         parts.append(obj.name)
@@ -89,8 +90,7 @@ def inventory_names(obj) -> list[str]:
 
 def inventory_path(obj) -> str:
     """`/DC/vm/Folder/Name` of a managed entity, as vCenter's FindByInventoryPath reads it."""
-    # vCenter escapes "/" inside a name, so the path stays unambiguous.
-    return "/" + "/".join(name.replace("/", "%2f") for name in inventory_names(obj))
+    return vmpath.format_path(inventory_names(obj))
 
 
 def vm_by_moref(si, moref: str) -> vim.VirtualMachine:
@@ -110,44 +110,92 @@ def vm_by_moref(si, moref: str) -> vim.VirtualMachine:
 def find_vm(si, dc: vim.Datacenter, ref: str) -> vim.VirtualMachine:
     """Find one VM by moref, instance UUID, inventory path or name.
 
+    A path is what v2k prints (`/DC0/vm/Prod/app%2fdb 02`, see tasks/vmpath.py), or
+    one relative to the datacenter's VM folder (`Prod/app%2fdb 02`). Names and paths are
+    taken as they are (spaces, tabs and quotes are parts of names); only when nothing
+    matches is the text tried again without surrounding white space.
+
     Raises:
         SourceError: nothing matches, or a name matches several VMs (their paths listed).
     """
-    ref = ref.strip()
-    if _MOREF.match(ref):
-        return vm_by_moref(si, ref)
-    content = service_content(si)
-    if _UUID.match(ref):
-        vm = content.searchIndex.FindByUuid(dc, ref, vmSearch=True, instanceUuid=True)
+    key = ref.strip()
+    if _MOREF.match(key):
+        return vm_by_moref(si, key)
+    if _UUID.match(key):
+        content = service_content(si)
+        vm = content.searchIndex.FindByUuid(dc, key, vmSearch=True, instanceUuid=True)
         if vm is None:
-            vm = content.searchIndex.FindByUuid(dc, ref, vmSearch=True, instanceUuid=False)
+            vm = content.searchIndex.FindByUuid(dc, key, vmSearch=True, instanceUuid=False)
         if vm is None:
-            raise SourceError(f"no VM with instance UUID {ref}")
+            raise SourceError(f"no VM with instance UUID {key}")
         return vm
-    if "/" in ref:
-        path = ref.strip("/")
-        if not path.startswith(f"{dc.name}/"):
-            path = f"{dc.name}/vm/{path}"
-        found = content.searchIndex.FindByInventoryPath(path)
-        if not isinstance(found, vim.VirtualMachine):
-            raise SourceError(f"no VM at inventory path /{path}")
-        return found
-    matches = [
-        obj
-        for obj, props in retrieve(si, dc.vmFolder, vim.VirtualMachine, ["name"])
-        if props["name"] == ref
-    ]
-    if not matches:
+    tries = [ref] if key == ref else [ref, key]
+    if "/" in key:
+        for text in tries:
+            found = _vm_at_path(si, dc, text)
+            if found is not None:
+                return found
+        # A name as the vSphere Client shows it (`app/db 02`) reads as a path: take the
+        # VM of that name when no path matched.
+        named = _vms_named(si, dc, tries)
+        if len(named) == 1:
+            return named[0]
+        raise SourceError(
+            f"no VM at inventory path {_absolute(si, dc, key)!r}"
+            + (f" ({_listed(named)} are named so)" if named else "")
+            + ". Give the path as `v2k inventory` prints it: a `/` inside a name is written "
+            "%2f, as vCenter does"
+        )
+    named = _vms_named(si, dc, tries)
+    if not named:
         raise SourceError(
             f"no VM named {ref!r} in datacenter {dc.name!r}; check the name, or give its "
             "inventory path, moref or instance UUID"
         )
-    if len(matches) > 1:
-        paths = "; ".join(sorted(f"{inventory_path(vm)} ({vm._moId})" for vm in matches))
+    if len(named) > 1:
         raise SourceError(
-            f"{len(matches)} VMs are named {ref!r}: {paths}. Give the inventory path or moref."
+            f"{len(named)} VMs are named {ref!r}: {_listed(named)}. "
+            "Give the inventory path or moref."
         )
-    return matches[0]
+    return named[0]
+
+
+def _absolute(si, dc: vim.Datacenter, text: str) -> str:
+    """The absolute path of a path given absolute, or relative to the datacenter's VM
+    folder. A path that starts with the datacenter's own path is absolute too.
+
+    Raises:
+        SourceError: the text is not a path (an empty name in it).
+    """
+    try:
+        names = vmpath.split_path(text)
+    except vmpath.PathError as exc:
+        raise SourceError(str(exc)) from None
+    if not text.startswith("/"):
+        dc_names = [vmpath.escape(n) for n in inventory_names(dc)]
+        if names[: len(dc_names) + 1] != [*dc_names, "vm"]:
+            names = [*dc_names, "vm", *names]
+    return vmpath.format_path(names)
+
+
+def _vm_at_path(si, dc: vim.Datacenter, text: str) -> vim.VirtualMachine | None:
+    found = service_content(si).searchIndex.FindByInventoryPath(_absolute(si, dc, text))
+    return found if isinstance(found, vim.VirtualMachine) else None
+
+
+def _vms_named(si, dc: vim.Datacenter, names: list[str]) -> list[vim.VirtualMachine]:
+    """VMs of the datacenter with the first of these names that any VM has."""
+    found = retrieve(si, dc.vmFolder, vim.VirtualMachine, ["name"])
+    for name in names:
+        wanted = vmpath.escape(name)
+        matches = [obj for obj, props in found if vmpath.escape(props["name"]) == wanted]
+        if matches:
+            return matches
+    return []
+
+
+def _listed(vms: list[vim.VirtualMachine]) -> str:
+    return "; ".join(sorted(f"{inventory_path(vm)} ({vm._moId})" for vm in vms))
 
 
 _CONTROLLERS = {

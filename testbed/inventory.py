@@ -124,7 +124,8 @@ def _check_entity_name(value: str, what: str) -> str:
         raise ValueError(f"{what} name must not be empty")
     if len(value) > 80:
         raise ValueError(f"{what} name {value!r} is longer than 80 characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    # vCenter takes a tab in a name, not other control characters (a newline).
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
         raise ValueError(f"{what} name {value!r} holds a control character")
     return value
 
@@ -258,11 +259,20 @@ class Vm(_Model):
         return vcenter_name(self.name)
 
 
+_STORED_NAME = re.compile(r"(?:[^%/\\]|%[0-9A-Fa-f]{2})*")
+
+
 def normalize_folder(value: str) -> str:
+    """A folder path `A/B`, its names written as vCenter stores them: a `/`, `\\` or `%`
+    in a folder's name as `%2f`, `%5c`, `%25` (`team%2fblue` is the folder `team/blue`)."""
     parts = [p for p in value.strip().strip("/").split("/")] if value.strip("/ ") else []
     for part in parts:
         if not part.strip() or part in (".", ".."):
             raise ValueError(f"bad folder path {value!r}: empty, '.' or '..' component")
+        if not _STORED_NAME.fullmatch(part):
+            raise ValueError(
+                f"bad folder name {part!r}: write '%', '\\' in it as %25, %5c (and '/' as %2f)"
+            )
         _check_entity_name(part, "folder")
     return "/".join(parts)
 

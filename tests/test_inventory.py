@@ -88,6 +88,15 @@ DEFAULT_VMS = {
         "bios",
         2,
     ),
+    # As vCenter stores it: `%`, `\\` and `/` escaped, tab and the rest as they are.
+    "ops \"blue\" 'q' $(id); 100%25 %5c ..%2ftmp\tü": (
+        "/DC0/vm/Lab/team%2fblue ü/ops \"blue\" 'q' $(id); 100%25 %5c ..%2ftmp\tü",
+        "poweredOff",
+        "Lab/team%2fblue ü",
+        ["00:50:56:01:00:0b@VM Network"],
+        "bios",
+        1,
+    ),
 }
 SNAPSHOT_VM = "debian-running"
 MiB = 1 << 20

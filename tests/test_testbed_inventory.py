@@ -155,6 +155,8 @@ def test_bad_disk_sizes_are_refused(size, fragment):
         ("memory_mb", 1001, "memory_mb must be a positive multiple of 4"),
         ("guest_id", "debian99Guest", "unknown VMware guestId 'debian99Guest'"),
         ("folder", "Prod/../x", "bad folder path"),
+        ("folder", "Prod/100%", "bad folder name '100%'"),  # written as stored: 100%25
+        ("folder", "Prod/a\\b", "bad folder name"),
         ("instance_uuid", "not-a-uuid", "instance_uuid"),
         ("name", "bad\nname", "control character"),
         ("colour", "red", "colour: Extra inputs are not permitted"),
@@ -167,6 +169,15 @@ def test_bad_vm_fields_are_refused(field, value, fragment):
     if field == "secure_boot":
         vm["firmware"] = "bios"
     _expect_error(data, fragment)
+
+
+def test_names_as_vcenter_takes_them():
+    """A tab is allowed (vCenter takes it), folder names are written as vCenter stores them."""
+    data = _raw_default()
+    vm = _vm_raw(data, "win2019-running")
+    vm["name"], vm["folder"] = "tab\there", "Prod/team%2fblue ü"
+    spec = parse_inventory(data).vm("tab\there")
+    assert (spec.vcenter_name, spec.folder) == ("tab\there", "Prod/team%2fblue ü")
 
 
 def test_a_vm_needs_somewhere_to_run():

@@ -220,7 +220,7 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
             timeout=10,
         ).json()
         summary = next(a for a in response if a["flow_run_id"] == flow_run_id)
-        assert f"# Migrated /DC0/vm/Linux/{VM}" in summary["data"]
+        assert f"# Migrated `/DC0/vm/Linux/{VM}`" in summary["data"]
         assert "| boot check | passed |" in summary["data"], summary["data"]
         page.goto(f"{served.url}/artifacts/artifact/{summary['id']}")
         page.get_by_text(f"Migrated /DC0/vm/Linux/{VM}").wait_for()
