@@ -24,6 +24,14 @@ DEFAULT_VMS = {
         "bios",
         1,
     ),
+    "debian-data": (
+        "/DC0/vm/Linux/debian-data",
+        "poweredOff",
+        "Linux",
+        ["00:50:56:01:00:0b@VM Network"],
+        "bios",
+        2,
+    ),
     "debian-running": (
         "/DC0/vm/Linux/debian-running",
         "poweredOn",
