@@ -28,7 +28,7 @@ DEFAULT_VMS = {
         "/DC0/vm/Linux/debian-data",
         "poweredOff",
         "Linux",
-        ["00:50:56:01:00:0b@VM Network"],
+        ["00:50:56:01:00:0c@VM Network"],
         "bios",
         2,
     ),
@@ -287,7 +287,10 @@ def test_pyvmomi_reader_follows_pages_too(monkeypatch):
     ("kwargs", "expected"),
     [
         ({}, set(DEFAULT_VMS)),
-        ({"name_glob": "debian-*"}, {"debian-stopped", "debian-running", "debian-live"}),
+        (
+            {"name_glob": "debian-*"},
+            {"debian-stopped", "debian-data", "debian-running", "debian-live"},
+        ),
         ({"name_glob": "WIN*"}, {"win2019-running", "win2019-stopped"}),
         ({"folder": "Prod"}, {"web server 01", "app%2fdb 02"}),
         ({"folder": "Prod/Web"}, {"web server 01"}),
@@ -358,13 +361,18 @@ def test_flow_makes_a_table_artifact(saved):
     from flows.inventory import inventory
 
     found = inventory(vcenter=saved["vcenter"], folder="Linux", power_state="poweredOff")
-    assert {vm.name for vm in found} == {"debian-stopped", "multi-disk-efi", "independent-disk"}
+    assert {vm.name for vm in found} == {
+        "debian-stopped",
+        "debian-data",
+        "multi-disk-efi",
+        "independent-disk",
+    }
     artifact = Artifact.get("inventory")
     assert artifact is not None and artifact.type == "table"
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     assert [r["path"] for r in rows] == [vm.path for vm in found]
     assert list(rows[0]) == list(inv.COLUMNS)
-    assert "3 VM(s) in inv-vcenter" in artifact.description
+    assert "4 VM(s) in inv-vcenter" in artifact.description
     assert "folder 'Linux'" in artifact.description
 
 
