@@ -15,23 +15,21 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import MissingContextError
 from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import flow_run, task_run
-from pydantic import ValidationError
 
 from blocks import (
     KvmCluster,
     KvmHost,
-    KvmHostError,
     MigrationSettings,
     TemporaryStorage,
     VCenter,
 )
 from blocks.cache import loads_cached
-from blocks.vcenter import VCenterError
 from flows.limits import existing_limits, limit_name, slot
 from tasks import events, kvm, resume, ssh
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree, remove_tree_on_host
-from tasks.convert import ConvertRefused, convert_vm
+from tasks.convert import convert_vm
+from tasks.errors import Refused, retry_condition
 from tasks.export import run_export
 from tasks.guestos import choose_osinfo
 from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
@@ -48,9 +46,7 @@ from tasks.models import (
 )
 from tasks.ovftool import exported_from_manifest, exported_on_host, run_ovftool
 from tasks.preflight import (
-    BlockNotFound,
     Preflight,
-    PreflightError,
     disk_pools,
     host_rules,
     load_blocks,
@@ -60,26 +56,8 @@ from tasks.preflight import (
 )
 from tasks.progress import Progress, artifact_key
 from tasks.resume import resumable
-from tasks.retries import retry_unless
 from tasks.source import clone_for_export, clone_name, remove_clones
 from tasks.ssh import shared_connections
-from tasks.vcenter import SourceError
-
-# Errors a retry cannot fix: the user has to change something first.
-USER_ERRORS = (
-    ConvertRefused,
-    PreflightError,
-    BlockNotFound,
-    SourceError,
-    HostSelectionError,
-    KvmHostError,
-    VCenterError,
-    ValidationError,
-)
-
-
-# Retry network and host faults, never a refusal or a user error.
-transient_only = retry_unless(*USER_ERRORS)
 
 
 def _staged(fn, settings: MigrationSettings, stage: str):
@@ -104,7 +82,7 @@ def _can_interrupt() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-@task(name="preflight", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+@task(name="preflight", cache_policy=NO_CACHE, retry_condition_fn=retry_condition)
 def preflight_task(request: MigrationRequest) -> Preflight:
     # On a retry, domains this flow run defined are its own, not a name conflict; a first
     # try has none, and skips reading every domain's XML on every host.
@@ -127,7 +105,7 @@ def preflight_task(request: MigrationRequest) -> Preflight:
     return checked
 
 
-@task(name="select-hosts", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+@task(name="select-hosts", cache_policy=NO_CACHE, retry_condition_fn=retry_condition)
 def select_hosts_task(
     request: MigrationRequest, spec: VmSpec, use_ovftool: bool = True
 ) -> HostChoice:
@@ -163,7 +141,7 @@ def _local_scratch(storage: TemporaryStorage) -> str | None:
 
 @task(
     name="export-ovftool",
-    retry_condition_fn=transient_only,
+    retry_condition_fn=retry_condition,
     **resumable("spec.instance_uuid", "spec.change_version", "directory"),
 )
 def ovftool_export_task(
@@ -199,7 +177,7 @@ def ovftool_export_task(
 
 @task(
     name="convert",
-    retry_condition_fn=transient_only,
+    retry_condition_fn=retry_condition,
     **resumable("exported", "target", "out_dir"),
 )
 def convert_task(
@@ -252,7 +230,7 @@ def convert_task(
 
 @task(
     name="import",
-    retry_condition_fn=transient_only,
+    retry_condition_fn=retry_condition,
     **resumable("converted", "target"),
 )
 def import_task(
@@ -281,10 +259,9 @@ def import_task(
     try:
         conn = kvm.open_connection(host.get_libvirt_uri())
     except kvm.KvmImportError as exc:
-        # The URI alone does not say which host block to look at.
-        raise kvm.KvmImportError(
-            f"import host {host_name}: {exc} (is libvirtd running there?)"
-        ) from None
+        # The URI alone does not say which host block to look at; same kind of error.
+        hint = "" if isinstance(exc, Refused) else " (is libvirtd running there?)"
+        raise type(exc)(f"import host {host_name}: {exc}{hint}") from None
     try:
         if flow_run.run_count > 1 or task_run.run_count > 1:
             # An earlier try may have made a volume and failed before it could delete it.
@@ -337,7 +314,7 @@ def import_task(
     return result
 
 
-@task(name="verify-boot", cache_policy=NO_CACHE)
+@task(name="verify-boot", cache_policy=NO_CACHE, retry_condition_fn=retry_condition)
 def verify_task(host_name: str, domain: str, timeout: float) -> bool:
     logger = get_run_logger()
     conn = kvm.open_connection(KvmHost.load(host_name).get_libvirt_uri())
@@ -353,7 +330,7 @@ def verify_task(host_name: str, domain: str, timeout: float) -> bool:
 
 @task(
     name="prepare-source",
-    retry_condition_fn=transient_only,
+    retry_condition_fn=retry_condition,
     **resumable("spec.instance_uuid", "run_id"),
 )
 def prepare_source_task(

@@ -52,6 +52,7 @@ from blocks.cache import loads_cached
 from flows.limits import ensure_limits, limit_name, slot
 from flows.migrate import migrate_vm
 from tasks import vcenter as vc
+from tasks.errors import retry_condition
 from tasks.models import MigrationRequest, libvirt_name
 
 MIGRATE_DEPLOYMENT = "migrate-vm/migrate-vm"
@@ -223,7 +224,13 @@ def find_vms(vcenter: str, items: list[WaveVm], name_glob: str | None) -> list[R
     return resolved
 
 
-@task(name="resolve-vms", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    name="resolve-vms",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_condition,
+)
 def resolve_vms(vcenter: str, items: list[WaveVm], name_glob: str | None) -> list[ResolvedVm]:
     """`find_vms` as a task, its warnings in the run's log."""
     return find_vms(vcenter, items, name_glob)
