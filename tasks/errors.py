@@ -84,8 +84,14 @@ def libvirt_refused(exc: BaseException) -> bool:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether a retry may help after `exc` (see the module doc)."""
+    from pyVmomi import vim
+
     if isinstance(exc, V2kError):
         return exc.retry
+    if isinstance(exc, vim.fault.NotAuthenticated):
+        # A subclass of NoPermission, but it means the session ended (vCenter restarted,
+        # or the session timed out): a new session, on the next try, cures it.
+        return True
     return not (isinstance(exc, _refusals_from_libraries()) or libvirt_refused(exc))
 
 
