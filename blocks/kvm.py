@@ -14,10 +14,43 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from blocks.cache import LoadedOnce
+from tasks.errors import Refused
 
 
-class KvmHostError(RuntimeError):
-    """A KVM host block is incomplete or its host cannot be used."""
+class KvmHostError(Refused):
+    """A KVM host block is incomplete, or its host refused the SSH login or showed another
+    host key: the user must fix the block or the host, so it is never retried. (A host
+    that does not answer is a plain connection error, which is retried.)"""
+
+
+class _CheckedConnection(Connection):
+    """A fabric Connection whose refused SSH login says so, with the fix, as KvmHostError."""
+
+    def open(self):
+        where = f"{self.user}@{self.host}:{self.port}"
+        try:
+            return super().open()
+        except paramiko.BadHostKeyException as exc:
+            raise KvmHostError(
+                f"SSH host key of {where} is not the one in known_hosts (it shows a "
+                f"{exc.key.get_name()} key); v2k does not go on to a host it cannot identify.",
+                "if the host was reinstalled, put its new key into the KvmHost block's "
+                "known_hosts; if not, find out what answers at that address",
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            raise KvmHostError(
+                f"{where} refused the SSH login ({exc}).",
+                "check the KvmHost block's private key or password, and the user's "
+                "authorized_keys on the host",
+            ) from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" not in str(exc):
+                raise
+            raise KvmHostError(
+                f"SSH host key of {where} is not in known_hosts.",
+                "add the host's key to the KvmHost block's known_hosts, or set "
+                "host_key_policy to accept-new to trust it on first use",
+            ) from None
 
 
 class KvmHost(LoadedOnce, Block):
@@ -165,7 +198,11 @@ class KvmHost(LoadedOnce, Block):
                     keys.add(hostname, entry.key.get_name(), entry.key)
 
     def get_connection(self) -> Connection | Context:
-        """A fabric Connection to the host with its host key checked (invoke Context if local)."""
+        """A fabric Connection to the host with its host key checked (invoke Context if local).
+
+        Opening it raises KvmHostError when the login is refused or the host key is
+        unknown or changed.
+        """
         if self.local:
             return Context()
         connect_kwargs: dict = {
@@ -180,7 +217,7 @@ class KvmHost(LoadedOnce, Block):
             connect_kwargs["key_filename"] = self.private_key_path
         else:
             connect_kwargs["password"] = self.password.get_secret_value()
-        conn = Connection(
+        conn = _CheckedConnection(
             host=self.address,
             port=self.port,
             user=self.user,

@@ -14,6 +14,7 @@ from prefect.blocks.core import Block
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from blocks.cache import LoadedOnce
+from tasks.errors import Refused, Transient, V2kError
 
 # The ServiceContent of each open connection (by its SOAP stub), asked for once.
 _contents: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -64,8 +65,20 @@ def _api_version(host: str, port: int, context: ssl.SSLContext, timeout: float) 
     return next((v for v in GetServiceVersions("vim25") if versionIdMap[v] in offered), None)
 
 
-class VCenterError(RuntimeError):
-    """vCenter could not be reached or refused the login; the message says which setting to fix."""
+class VCenterError(V2kError):
+    """vCenter could not be reached or refused the login; the message says which setting to fix.
+
+    Raised as one of its two kinds: `VCenterRefused` or `VCenterUnreachable`.
+    """
+
+
+class VCenterRefused(VCenterError, Refused):
+    """The login or the TLS check failed: a setting of the block is wrong. Never retried:
+    every try with a wrong password counts towards the account's lock-out."""
+
+
+class VCenterUnreachable(VCenterError, Transient):
+    """vCenter did not answer, or the connection broke: it may be back in a while."""
 
 
 class VCenter(LoadedOnce, Block):
@@ -143,7 +156,10 @@ class VCenter(LoadedOnce, Block):
             return ssl.create_default_context(cadata=self.ca_cert)
         path = Path(self.ca_cert)
         if not path.is_file():
-            raise VCenterError(f"ca_cert {self.ca_cert!r} is neither PEM text nor a readable file")
+            raise VCenterRefused(
+                f"ca_cert {self.ca_cert!r} is neither PEM text nor a readable file.",
+                "give the CA as PEM text, or the path of a file on the worker",
+            )
         return ssl.create_default_context(cafile=str(path))
 
     def _connect_error(self, exc: BaseException) -> VCenterError:
@@ -155,21 +171,24 @@ class VCenter(LoadedOnce, Block):
             # pyvmomi's log-in wraps the error of its first call, which is the context.
             exc = exc.__context__
         if isinstance(exc, ssl.SSLCertVerificationError):
-            return VCenterError(
-                f"TLS verification of {where} failed ({exc.verify_message}). Give the "
-                "vCenter CA in the block's ca_cert, or set verify_tls=False explicitly."
+            return VCenterRefused(
+                f"TLS verification of {where} failed ({exc.verify_message}).",
+                "give the vCenter CA in the block's ca_cert, or set verify_tls=False explicitly",
             )
         if isinstance(exc, vim.fault.InvalidLogin):
-            return VCenterError(
-                f"vCenter {where} refused the login of {self.username!r}: check the user "
-                "name and password in the VCenter block"
+            return VCenterRefused(
+                f"vCenter {where} refused the login of {self.username!r}; v2k does not try "
+                "again, so the account is not locked out.",
+                "check the user name and password in the VCenter block",
             )
         if isinstance(exc, TimeoutError):
-            return VCenterError(
+            return VCenterUnreachable(
                 f"vCenter {where} did not answer within {self.timeout:g} s (the VCenter "
                 "block's timeout)"
             )
-        return VCenterError(f"cannot reach vCenter {where}: {getattr(exc, 'msg', None) or exc}")
+        return VCenterUnreachable(
+            f"cannot reach vCenter {where}: {getattr(exc, 'msg', None) or exc}"
+        )
 
     @contextmanager
     def connect(self) -> Iterator[object]:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
+from tasks.errors import Refused
+
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 MIGRATE_VM = "migrate-vm/migrate-vm"
 WAVE = "migrate-wave/wave"
@@ -48,7 +50,7 @@ def start(
     return {"id": str(run.id), "name": run.name, "deployment": deployment}
 
 
-class RunStateError(RuntimeError):
+class RunStateError(Refused):
     """The run is in a state that does not allow what was asked."""
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from tasks.errors import Transient
+
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
 POOL = "v2k"
@@ -34,7 +36,7 @@ DEPLOYMENTS = {
 }
 
 
-class ServeError(RuntimeError):
+class ServeError(Transient):
     """A part of the local Prefect could not be started."""
 
 

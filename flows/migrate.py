@@ -12,18 +12,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.states import Completed
-from pydantic import ValidationError
 
 from blocks import (
     KvmCluster,
     KvmHost,
-    KvmHostError,
     MigrationSettings,
     TemporaryStorage,
     VCenter,
 )
 from blocks.cache import loads_cached
-from blocks.vcenter import VCenterError
 from flows.cleanup import (
     CleanupIncomplete,
     by_block_name,
@@ -39,8 +36,8 @@ from flows.limits import existing_limits, limit_name, slot
 from tasks import events, kvm, resume, ssh, vmpath
 from tasks import vcenter as vc
 from tasks.cleanup import remove_tree
-from tasks.convert import ConvertRefused, convert_vm
-from tasks.errors import Refused
+from tasks.convert import convert_vm
+from tasks.errors import Refused, retry_condition
 from tasks.export import run_export
 from tasks.guestos import choose_osinfo
 from tasks.hosts import HostSelectionError, choose_hosts, probe_hosts
@@ -58,9 +55,7 @@ from tasks.models import (
 from tasks.ovftool import exported_from_manifest, exported_on_host, run_ovftool
 from tasks.ownership import Ledger, Owned, reserve, run_keys
 from tasks.preflight import (
-    BlockNotFound,
     Preflight,
-    PreflightError,
     check,
     disk_pools,
     host_rules,
@@ -70,26 +65,8 @@ from tasks.preflight import (
 )
 from tasks.progress import Progress, artifact_key
 from tasks.resume import resumable
-from tasks.retries import retry_unless
 from tasks.source import clone_name, prepare_clone
 from tasks.ssh import shared_connections
-from tasks.vcenter import SourceError
-
-# Errors a retry cannot fix: the user has to change something first.
-USER_ERRORS = (
-    ConvertRefused,
-    PreflightError,
-    BlockNotFound,
-    SourceError,
-    HostSelectionError,
-    KvmHostError,
-    VCenterError,
-    ValidationError,
-)
-
-
-# Retry network and host faults, never a refusal or a user error.
-transient_only = retry_unless(*USER_ERRORS)
 
 
 def _staged(fn, settings: MigrationSettings, stage: str):
@@ -114,7 +91,7 @@ def _can_interrupt() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-@task(name="preflight", cache_policy=NO_CACHE, retry_condition_fn=transient_only)
+@task(name="preflight", cache_policy=NO_CACHE, retry_condition_fn=retry_condition)
 def preflight_task(request: MigrationRequest, run_id: str) -> Preflight:
     flow_run_id = str(flow_run.get_id() or "")
     # On a retry, domains this flow run defined are its own, not a name conflict; a first
@@ -152,7 +129,7 @@ def reserve_run(
         reserve(key, flow_run_id, name)
 
 
-@task(name="select-hosts", retry_condition_fn=transient_only, **resumable("run_id"))
+@task(name="select-hosts", retry_condition_fn=retry_condition, **resumable("run_id"))
 def select_hosts_task(
     request: MigrationRequest,
     spec: VmSpec,
@@ -195,7 +172,7 @@ def _local_scratch(storage: TemporaryStorage) -> str | None:
 
 @task(
     name="export-ovftool",
-    retry_condition_fn=transient_only,
+    retry_condition_fn=retry_condition,
     **resumable("spec.data_version", "directory", "host_name"),
 )
 def ovftool_export_task(
@@ -231,7 +208,7 @@ def ovftool_export_task(
 
 @task(
     name="convert",
-    retry_condition_fn=transient_only,
+    retry_condition_fn=retry_condition,
     **resumable("exported", "target", "out_dir", "host_name"),
 )
 def convert_task(
@@ -284,7 +261,7 @@ def convert_task(
 
 @task(
     name="import",
-    retry_condition_fn=transient_only,
+    retry_condition_fn=retry_condition,
     **resumable("converted", "target", "host_name"),
 )
 def import_task(
@@ -317,10 +294,9 @@ def import_task(
     try:
         conn = kvm.open_connection(host.get_libvirt_uri())
     except kvm.KvmImportError as exc:
-        # The URI alone does not say which host block to look at.
-        raise kvm.KvmImportError(
-            f"import host {host_name}: {exc} (is libvirtd running there?)"
-        ) from None
+        # The URI alone does not say which host block to look at; same kind of error.
+        hint = "" if isinstance(exc, Refused) else " (is libvirtd running there?)"
+        raise type(exc)(f"import host {host_name}: {exc}{hint}") from None
     try:
         ledger.record(Owned(kind="domain", name=target, host=host_name))
         with ssh.connection(host) as host_conn:
@@ -375,7 +351,7 @@ def import_task(
     return result
 
 
-@task(name="verify-boot", cache_policy=NO_CACHE)
+@task(name="verify-boot", cache_policy=NO_CACHE, retry_condition_fn=retry_condition)
 def verify_task(host_name: str, domain: str, timeout: float) -> bool:
     logger = get_run_logger()
     conn = kvm.open_connection(KvmHost.load(host_name).get_libvirt_uri())
@@ -391,7 +367,7 @@ def verify_task(host_name: str, domain: str, timeout: float) -> bool:
 
 @task(
     name="prepare-source",
-    retry_condition_fn=retry_unless(*USER_ERRORS, Refused),
+    retry_condition_fn=retry_condition,
     **resumable("spec.instance_uuid", "run_id"),
 )
 def prepare_source_task(

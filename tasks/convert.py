@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from invoke.exceptions import CommandTimedOut
 
 from tasks import ssh
+from tasks.errors import Refused, Transient, V2kError
 from tasks.hosts import remote, run_quiet, timed_out
 
 # virt-v2v's own steps in the order it prints them, so a step can be shown as a percent.
@@ -32,13 +33,20 @@ STEPS = [
 ]
 
 
-class ConvertError(RuntimeError):
-    """virt-v2v failed, timed out, or produced something other than what the source had."""
+class ConvertError(V2kError):
+    """virt-v2v failed, timed out, or produced something other than what the source had.
+
+    Raised as one of its two kinds: `ConvertRefused` or `ConvertFailed`.
+    """
 
 
-class ConvertRefused(ConvertError):
+class ConvertRefused(ConvertError, Refused):
     """virt-v2v refused the guest (its own error), or used up `convert_timeout`: the same
     input fails the same way again, so the stage is not retried."""
+
+
+class ConvertFailed(ConvertError, Transient):
+    """virt-v2v was killed, or failed without saying why: another try may pass."""
 
 
 def step_percent(message: str) -> int | None:
@@ -164,7 +172,7 @@ def run_virt_v2v(
         )
     except CommandTimedOut:
         kill_group(conn, pid_file)
-        raise ConvertError(
+        raise ConvertFailed(
             f"virt-v2v did not finish in {timeout_seconds:.0f} s and was killed"
             + _log_tail(conn, log_file)
         ) from None
@@ -181,14 +189,14 @@ def run_virt_v2v(
         )
     if result.exited > 128:
         signame = _signal_name(result.exited - 128)
-        raise ConvertError(
+        raise ConvertFailed(
             f"virt-v2v was killed by {signame} on the host after {elapsed:.0f} s, before it "
             "finished; its children were killed too" + _log_tail(conn, log_file)
         )
     if result.exited != 0:
         detail = "; ".join(errors) if errors else "no error event"
         # With its own error lines virt-v2v said what it refused; without, it is unknown.
-        error = ConvertRefused if errors else ConvertError
+        error = ConvertRefused if errors else ConvertFailed
         raise error(f"virt-v2v exited {result.exited}: {detail}" + _log_tail(conn, log_file))
     return Converted(seconds=time.monotonic() - started, events=sink.events, warnings=warnings)
 
@@ -243,13 +251,13 @@ def check_outputs(
         path = f"{out_dir}/{name}-sd{chr(ord('a') + index)}"
         result = run_quiet(conn, ["qemu-img", "info", "--output=json", "--", path], 120)
         if result.exited != 0:
-            raise ConvertError(
+            raise ConvertFailed(
                 f"virt-v2v produced no disk {index + 1} of {len(capacities)} ({path}); "
                 "it exited 0 but dropped that disk"
             )
         info = json.loads(result.stdout)
         if info.get("format") != "qcow2" or info["virtual-size"] != capacity:
-            raise ConvertError(
+            raise ConvertFailed(
                 f"disk {index + 1} ({path}) is {info.get('format')} of {info['virtual-size']} "
                 f"bytes; expected qcow2 of {capacity} bytes like the source"
             )
@@ -257,7 +265,7 @@ def check_outputs(
     extra = run_quiet(conn, ["ls", "--", out_dir], 60).stdout.split()
     unexpected = [f for f in extra if f.startswith(f"{name}-sd")][len(capacities) :]
     if unexpected:
-        raise ConvertError(f"virt-v2v produced more disks than the source has: {unexpected}")
+        raise ConvertFailed(f"virt-v2v produced more disks than the source has: {unexpected}")
     return found
 
 

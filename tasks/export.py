@@ -26,10 +26,10 @@ from pyVmomi import vim
 from blocks import MigrationSettings, VCenter
 from blocks.vcenter import VCenterError
 from tasks import vcenter as vc
+from tasks.errors import Refused, Transient, is_transient
 from tasks.models import ExportedDisk, ExportResult, VmSpec
 from tasks.progress import Progress, artifact_key
 from tasks.resume import resumable
-from tasks.retries import retry_unless
 from tasks.transfer import TransferError, download
 
 OVF_NAME = "vm.ovf"
@@ -49,25 +49,42 @@ _aborted: dict[str, str] = {}
 _tls: dict[str, ssl.SSLContext] = {}
 
 
-class ExportAborted(RuntimeError):
-    """Another disk of the same export failed, so the lease is gone; not worth a retry."""
+class ExportAborted(Refused):
+    """Another disk of the same export failed, so the lease is gone: this download is not
+    tried again on its own (the export as a whole may be, with a new lease)."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(Transient):
     """The server no longer knows the lease (vCenter restarted, or the lease timed out or
     was aborted there): a retry of the download cannot help, a new lease can."""
 
 
-class StorageFull(RuntimeError):
+class StorageFull(Refused):
     """The temporary storage has no space left; no retry helps until space is freed."""
 
 
 def _storage_full(path: Path, exc: OSError) -> StorageFull:
     on_disk = path.stat().st_size if path.is_file() else 0
     return StorageFull(
-        f"temporary storage is full: {exc.strerror} writing {path} ({on_disk} bytes "
-        "written); free space there or point the TemporaryStorage block at a larger place"
+        f"temporary storage is full: {exc.strerror} writing {path} ({on_disk} bytes written).",
+        "free space there or point the TemporaryStorage block at a larger place",
     )
+
+
+def _failure(state) -> BaseException | None:
+    """The exception a failed state holds, None for a state that did not fail."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - classified, not handled
+        return exc
+    return None
+
+
+def _same_lease_helps(task, task_run, state) -> bool:
+    """`retry_condition_fn` of a download: `tasks.errors.retry_condition`, but for a lost
+    lease, whose URLs answer 404 until the export task asks for a new lease."""
+    exc = _failure(state)
+    return exc is None or (is_transient(exc) and not isinstance(exc, LeaseLost))
 
 
 def _no_space(exc: OSError) -> bool:
@@ -77,7 +94,7 @@ def _no_space(exc: OSError) -> bool:
 @task(
     name="download-disk",
     task_run_name="download-disk-{index}",
-    retry_condition_fn=retry_unless(ExportAborted, LeaseLost, StorageFull),
+    retry_condition_fn=_same_lease_helps,
     # Not the URL: a retried run gets a new lease, with new URLs, for the same disk.
     **resumable("index", "directory", "expected_size"),
 )
@@ -169,29 +186,30 @@ def _bytes_on_disk(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("disk-*.vmdk"))
 
 
+# Faults of the lease or of the vCenter session, which a new session and lease can cure.
+_LEASE_FAULTS = (
+    LeaseLost,
+    VCenterError,
+    HTTPException,
+    OSError,
+    vim.fault.NotAuthenticated,
+    vim.fault.HostConnectFault,
+)
+
+
 def _new_lease_helps(task, task_run, state) -> bool:
-    """`retry_condition_fn` of the export: retry after a fault of the lease or of the
-    vCenter session (vCenter restarted or unreachable for a while, the lease gone), which
-    a new session and lease can cure; the downloads then resume from the bytes on disk."""
-    try:
-        state.result()
-    except TransferError as exc:
-        return exc.status is None  # connections kept breaking, nothing refused
-    except (
-        LeaseLost,
-        VCenterError,
-        HTTPException,
-        vim.fault.NotAuthenticated,
-        vim.fault.HostConnectFault,
-    ):
-        return True
-    except StorageFull:
+    """`retry_condition_fn` of the export: a transient fault (`tasks.errors`) of the lease
+    or of the vCenter session (vCenter restarted or unreachable for a while, the lease
+    gone), which a new session and lease can cure; the downloads then resume from the
+    bytes on disk. Narrower than `retry_condition`: each download has retried its own
+    faults already, and a fault that is not the lease's (a server error on every try, a
+    bug) would only fail again with a new lease."""
+    exc = _failure(state)
+    if exc is None or not is_transient(exc):
         return False
-    except OSError:
-        return True
-    except Exception:  # noqa: BLE001 - anything else is not the lease's fault
-        return False
-    return False
+    if isinstance(exc, TransferError):
+        return exc.status is None  # connections kept breaking, no server error
+    return isinstance(exc, _LEASE_FAULTS)
 
 
 def export_vm(

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from blocks import KvmHost
 from tasks import ssh
+from tasks.errors import Refused
 from tasks.models import HostChoice, HostProbe
 
 # One round trip per host: each probe prints KEY=VALUE, and a missing tool prints nothing.
@@ -34,8 +35,9 @@ fi
 """
 
 
-class HostSelectionError(RuntimeError):
-    """No host can do the work, or a named host cannot; the message lists why per host."""
+class HostSelectionError(Refused):
+    """No host can do the work, or a named host cannot; the message lists why per host.
+    Not retried: the hosts were just probed, each failure is in the message."""
 
 
 def remote(argv: list[str], env: dict[str, str] | None = None) -> str:

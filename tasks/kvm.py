@@ -11,6 +11,7 @@ from pathlib import Path
 
 import libvirt
 
+from tasks.errors import Refused, Transient, V2kError, libvirt_refused
 from tasks.models import NicSpec, VmSpec
 
 OSINFO_NS = "http://libosinfo.org/xmlns/libvirt/domain/1.0"
@@ -21,8 +22,20 @@ ET.register_namespace("v2k", V2K_NS)
 _STREAM_CHUNK = 4 << 20
 
 
-class KvmImportError(RuntimeError):
-    """The import into libvirt failed; the message says at which step."""
+class KvmImportError(V2kError):
+    """The import into libvirt failed; the message says at which step.
+
+    Raised as one of its two kinds: `KvmImportRefused` or `KvmImportFailed`.
+    """
+
+
+class KvmImportRefused(KvmImportError, Refused):
+    """The destination cannot take the VM as set up (a missing or inactive pool, a taken
+    volume name, a refused login): the user must act first."""
+
+
+class KvmImportFailed(KvmImportError, Transient):
+    """A step failed in a way that may pass (a dropped libvirt connection, a failed copy)."""
 
 
 def _silence_libvirt() -> None:
@@ -66,7 +79,12 @@ def open_connection(uri: str, keepalive: tuple[int, int] = (5, 6)) -> libvirt.vi
             conn.setKeepAlive(*keepalive)
         return conn
     except libvirt.libvirtError as exc:
-        raise KvmImportError(
+        if libvirt_refused(exc):
+            raise KvmImportRefused(
+                f"libvirt at {uri} refused the login: {exc.get_error_message()}.",
+                "check the KvmHost block's key and known_hosts (or its libvirt_uri)",
+            ) from None
+        raise KvmImportFailed(
             f"cannot connect to libvirt at {uri}: {exc.get_error_message()}"
         ) from None
 
@@ -117,11 +135,16 @@ def lookup_pool(conn: libvirt.virConnect, pool_name: str) -> libvirt.virStorageP
         pool = conn.storagePoolLookupByName(pool_name)
     except libvirt.libvirtError:
         names = ", ".join(sorted(conn.listStoragePools() + conn.listDefinedStoragePools()))
-        raise KvmImportError(
-            f"storage pool {pool_name!r} does not exist on the import host (pools: {names})"
+        raise KvmImportRefused(
+            f"storage pool {pool_name!r} does not exist on the import host (pools: {names}).",
+            "define the pool on every host of the cluster, or name an existing one in the "
+            "KvmCluster block's storage_pool or storage_map",
         ) from None
     if not pool.isActive():
-        raise KvmImportError(f"storage pool {pool_name!r} is not active: start it first")
+        raise KvmImportRefused(
+            f"storage pool {pool_name!r} is not active on the import host.",
+            f"start it (virsh pool-start {pool_name}; pool-autostart keeps it started)",
+        )
     return pool
 
 
@@ -255,14 +278,15 @@ def place_volume(
 
     kind = ET.fromstring(pool.XMLDesc(0)).get("type")
     if kind not in FILE_POOL_TYPES:
-        raise KvmImportError(
+        raise KvmImportRefused(
             f"pool {pool.name()!r} is of type {kind!r}: a disk in the host's local temporary "
-            f"storage can only be copied into a {', '.join(FILE_POOL_TYPES)} pool"
+            f"storage can only be copied into a {', '.join(FILE_POOL_TYPES)} pool.",
+            "map the disks to a directory pool, or use shared temporary storage",
         )
     # Before anything is created: a missing file creates nothing.
     found = run_quiet(host_conn, ["qemu-img", "info", "--", source], 120)
     if found.exited != 0:
-        raise KvmImportError(
+        raise KvmImportFailed(
             f"converted disk {source} is not readable on the import host: "
             f"{found.stderr.strip()[-300:]}"
         )
@@ -292,7 +316,7 @@ def place_volume(
                 if timed_out(result.exited, time.monotonic() - started, timeout_seconds)
                 else f"exited {result.exited}: {result.stderr.strip()[-300:]}"
             )
-            raise KvmImportError(f"qemu-img convert of {source} into {name!r} {why}")
+            raise KvmImportFailed(f"qemu-img convert of {source} into {name!r} {why}")
     except BaseException:
         vol.delete(0)
         raise
@@ -424,7 +448,7 @@ def define_domain(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
     try:
         return conn.defineXML(xml)
     except libvirt.libvirtError as exc:
-        raise KvmImportError(
+        raise KvmImportFailed(
             f"libvirt refused the domain definition: {exc.get_error_message()}"
         ) from None
 
@@ -572,7 +596,7 @@ def check_volume(host_conn, path: str) -> None:
 
     result = run_quiet(host_conn, ["qemu-img", "check", "-f", "qcow2", "--", path], 600)
     if result.exited != 0:
-        raise KvmImportError(f"qemu-img check failed for {path}: {result.stdout.strip()[-300:]}")
+        raise KvmImportFailed(f"qemu-img check failed for {path}: {result.stdout.strip()[-300:]}")
 
 
 def import_disks_and_define(
@@ -623,8 +647,12 @@ def import_disks_and_define(
             pool = lookup_pool(conn, pool_name)
             vol_name = volume_name(target, index, run_id)
             if volume_exists(pool, vol_name):
-                # Only an earlier try of this run makes this name; the caller removes those.
-                raise KvmImportError(f"volume {vol_name!r} already exists in pool {pool_name!r}")
+                # Only an earlier try of this run makes this name, and the import task
+                # removes those first: something else is going on.
+                raise KvmImportRefused(
+                    f"volume {vol_name!r} already exists in pool {pool_name!r}.",
+                    "find out what made it; `v2k cleanup` removes it if this run did",
+                )
             on_create(pool_name, vol_name)
             started = time.monotonic()
             if on_host:

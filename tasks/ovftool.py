@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from invoke.watchers import Responder
+from invoke.exceptions import Failure, WatcherError
+from invoke.watchers import StreamWatcher
 
 from blocks import VCenter
 from tasks.convert import kill_group, wrapped_command
+from tasks.errors import Refused, Transient, V2kError
 from tasks.hosts import remote, run_quiet, timed_out
 from tasks.models import ExportedDisk, ExportResult, VmSpec
 
@@ -19,8 +21,51 @@ _PERCENT = re.compile(r"(\d{1,3})%")
 _LIST_OVF = 'ls -d -- "$1"/*/*.ovf'  # the target directory comes in as $1, never in the script
 
 
-class OvftoolError(RuntimeError):
-    """ovftool failed; the message carries its own error lines, never the password."""
+# What ovftool prints when vCenter refuses the login (its own words, and vCenter's).
+_LOGIN_REFUSED = re.compile(
+    r"incorrect login credentials|incorrect user name or password|cannot complete login",
+    re.IGNORECASE,
+)
+_LOGIN_FIX = (
+    "check the user name and password in the VCenter block; v2k gave ovftool the password "
+    "once and did not run it again, so the account is not locked out by retries"
+)
+
+
+class OvftoolError(V2kError):
+    """ovftool failed; the message carries its own error lines, never the password.
+
+    Raised as one of its two kinds: `OvftoolRefused` or `OvftoolFailed`.
+    """
+
+
+class OvftoolRefused(OvftoolError, Refused):
+    """vCenter refused ovftool's login: never retried (the account's lock-out)."""
+
+
+class OvftoolFailed(OvftoolError, Transient):
+    """ovftool failed, timed out or was killed; another try may pass."""
+
+
+class _PasswordOnce(StreamWatcher):
+    """Answers ovftool's first `Password:` prompt, and only that one.
+
+    A second prompt means vCenter refused the password: the command is stopped there
+    (`WatcherError`) instead of typing the same password again. Each stream (stdout,
+    stderr) is scanned whole every time, so prompts are counted, not matched by position.
+    """
+
+    def __init__(self, password: str) -> None:
+        self.password = password
+        self.answered = 0
+
+    def submit(self, stream: str):
+        if stream.count("Password:") <= self.answered:
+            return
+        if self.answered:
+            raise WatcherError("ovftool asked for the password again: the login was refused")
+        self.answered = 1
+        yield self.password + "\n"
 
 
 def locator(vcenter: VCenter, spec: VmSpec) -> str:
@@ -86,7 +131,7 @@ def run_ovftool(
     command = wrapped_command(
         argv, log_file=None, pid_file=pid_file, timeout_seconds=timeout_seconds, env=env
     )
-    answer = Responder(pattern=r"Password:", response=vcenter.password.get_secret_value() + "\n")
+    answer = _PasswordOnce(vcenter.password.get_secret_value())
     sink = _ProgressSink(on_percent)
     started = time.monotonic()
     try:
@@ -100,29 +145,43 @@ def run_ovftool(
             in_stream=False,
             timeout=timeout_seconds + 120,
         )
+    except Failure as exc:
+        kill_group(conn, pid_file, "ovftool")
+        if isinstance(exc.reason, WatcherError):
+            raise OvftoolRefused(
+                f"vCenter {vcenter.host} refused ovftool's login of {vcenter.username!r} "
+                "(ovftool asked for the password again).",
+                _LOGIN_FIX,
+            ) from None
+        raise
     except BaseException:
         kill_group(conn, pid_file, "ovftool")
         raise
     secret = vcenter.password.get_secret_value()
     output = sink.text.replace(secret, "***")
     if timed_out(result.exited, time.monotonic() - started, timeout_seconds):
-        raise OvftoolError(
+        raise OvftoolFailed(
             f"ovftool did not finish in {timeout_seconds:.0f} s (convert_timeout) and was killed"
         )
     if result.exited > 128:
-        raise OvftoolError(
+        raise OvftoolFailed(
             f"ovftool was killed by signal {result.exited - 128} on the host before it finished"
         )
     if result.exited != 0:
         errors = [line for line in output.splitlines() if line.startswith("Error")]
-        raise OvftoolError(
-            f"ovftool exited {result.exited}: {'; '.join(errors) or output.strip()[-500:]}"
-        )
+        detail = f"ovftool exited {result.exited}: {'; '.join(errors) or output.strip()[-500:]}"
+        if _LOGIN_REFUSED.search(output):
+            raise OvftoolRefused(
+                f"vCenter {vcenter.host} refused ovftool's login of {vcenter.username!r}: "
+                f"{detail}.",
+                _LOGIN_FIX,
+            )
+        raise OvftoolFailed(detail)
     found = run_quiet(
         conn, f"sh -c {shlex.quote(_LIST_OVF)} sh {shlex.quote(target_dir)}", 60
     ).stdout.splitlines()
     if len(found) != 1:
-        raise OvftoolError(f"ovftool wrote {len(found)} descriptors under {target_dir}, not 1")
+        raise OvftoolFailed(f"ovftool wrote {len(found)} descriptors under {target_dir}, not 1")
     return found[0].rsplit("/", 1)[0]
 
 
@@ -150,7 +209,7 @@ def exported_on_host(conn, directory: str, source_moref: str) -> ExportResult:
     """
     result = run_quiet(conn, f"sh -c {shlex.quote(_LIST_EXPORT)} sh {shlex.quote(directory)}", 60)
     if result.exited != 0:
-        raise OvftoolError(f"cannot list {directory} on the export host: {result.stderr.strip()}")
+        raise OvftoolFailed(f"cannot list {directory} on the export host: {result.stderr.strip()}")
     listing, _, manifests = result.stdout.partition("\0\0")
     sizes = {}
     for entry in listing.split("\0"):
@@ -166,7 +225,7 @@ def _describe(
     """The ExportResult of an ovftool directory from its file sizes and manifest text."""
     ovf = next((name for name in sizes if name.endswith(".ovf")), None)
     if ovf is None:
-        raise OvftoolError(f"ovftool wrote no .ovf descriptor into {directory}")
+        raise OvftoolFailed(f"ovftool wrote no .ovf descriptor into {directory}")
     sums: dict[str, str] = {}
     for line in manifests.splitlines():
         match = re.match(r"SHA256\((.+)\)=\s*([0-9a-f]+)", line)

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage, VCenter
 from tasks import kvm, ownership
 from tasks import vcenter as vc
+from tasks.errors import Refused
 from tasks.models import HostChoice, HostProbe, MigrationRequest, VmSpec, libvirt_name
 
 
@@ -23,7 +24,7 @@ class Concern(BaseModel):
     fix: str
 
 
-class PreflightError(RuntimeError):
+class PreflightError(Refused):
     """A critical concern: the migration is refused before anything was created."""
 
     def __init__(self, concerns: list[Concern]) -> None:
@@ -550,7 +551,7 @@ def pool_needs(spec: VmSpec, cluster: KvmCluster) -> dict[str, int]:
     return needs
 
 
-class BlockNotFound(LookupError):
+class BlockNotFound(Refused, LookupError):
     """A block named in the request does not exist."""
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tasks.errors import Refused, Transient, V2kError
 from tasks.tls import read_ahead
 
 CHUNK = 8 << 20
@@ -64,23 +65,46 @@ Progress = Callable[[int, int | None], None]
 log = logging.getLogger(__name__)
 
 
-class TransferError(RuntimeError):
+REFUSED_STATUSES = frozenset({401, 403})
+"""HTTP statuses that say the credentials (the session cookie or ticket) are not good
+enough: asking again with the same ones cannot help."""
+
+
+class TransferError(V2kError):
     """A download failed for good; the message says how far it got.
 
     `status` is the HTTP status the server refused the download with, None when the
-    cause was something else (broken connections, a wrong size).
+    cause was something else (broken connections, a wrong size). Raised as one of its two
+    kinds: `TransferRefused` or `TransferFailed`; `transfer_error` picks.
     """
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, status: int | None = None, fix: str | None = None) -> None:
+        super().__init__(message, fix)
         self.status = status
 
-    def __reduce__(self):
-        # Keep `status` when Prefect pickles the error into a task's state.
-        return type(self), (str(self), self.status)
+
+class TransferRefused(TransferError, Refused):
+    """The server refused the credentials (401, 403) or failed the TLS check."""
 
 
-class DeadlineExceeded(TimeoutError):
+class TransferFailed(TransferError, Transient):
+    """Connections kept breaking, the server failed (5xx), or the size was wrong."""
+
+
+def transfer_error(message: str, status: int | None = None) -> TransferError:
+    """The error for a failed download, of the kind its HTTP status says."""
+    if status in REFUSED_STATUSES:
+        return TransferRefused(
+            message,
+            status,
+            "check that the vCenter user may export this VM (VirtualMachine.Provisioning."
+            "Allow VM download / Allow disk access) and that its session is not ended by "
+            "another client",
+        )
+    return TransferFailed(message, status)
+
+
+class DeadlineExceeded(Transient, TimeoutError):
     """The whole download took longer than its deadline."""
 
 
@@ -476,7 +500,7 @@ def download(
     )
 
     def fail(reason: str, status: int | None = None) -> TransferError:
-        return TransferError(f"{dest.name}: {reason}", status)
+        return transfer_error(f"{dest.name}: {reason}", status)
 
     try:
         while True:
@@ -507,7 +531,11 @@ def download(
                     )
                     response = connection.getresponse()
                 except ssl.SSLCertVerificationError as exc:
-                    raise fail(f"TLS verification of {parts.hostname} failed: {exc}") from None
+                    raise TransferRefused(
+                        f"{dest.name}: TLS verification of {parts.hostname} failed: {exc}",
+                        fix="give the CA of vCenter and its ESXi hosts in the VCenter "
+                        "block's ca_cert",
+                    ) from None
                 except (OSError, http.client.HTTPException) as exc:
                     watch.check()
                     raise _Broken(str(exc) or type(exc).__name__) from exc

@@ -12,14 +12,16 @@ from pyVmomi import vim, vmodl
 
 from blocks.vcenter import service_content
 from tasks import vmpath
+from tasks.errors import Refused
 from tasks.models import DiskSpec, NicSpec, VmSpec
 
 _MOREF = re.compile(r"^vm-\d+$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
-class SourceError(RuntimeError):
-    """The source VM cannot be found or read; the message says what to fix."""
+class SourceError(Refused):
+    """The source VM cannot be found or read; the message says what to fix. Not retried:
+    the VM's path, or the VM itself, must change first."""
 
 
 def retrieve(

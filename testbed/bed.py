@@ -153,8 +153,11 @@ class TestBed:
         for host in self.hosts.hosts:
             if host.name in self.ovftool_hosts:
                 tool = host.bin_dir / "ovftool"
+                # This checkout's stand-in, not the one the virtualenv was installed from.
+                root = shlex.quote(str(Path(__file__).resolve().parents[1]))
                 tool.write_text(
                     "#!/bin/sh\n# Stand-in for VMware ovftool: see testbed/ovftool.py\n"
+                    f"PYTHONPATH={root}\nexport PYTHONPATH\n"
                     f'exec {shlex.quote(sys.executable)} -m testbed.ovftool "$@"\n'
                 )
                 tool.chmod(0o755)

@@ -7,11 +7,13 @@ It keeps the part of ovftool's command-line contract that v2k uses:
             vi://USER[:PASSWORD]@HOST[:PORT]/DC/vm/FOLDER/.../VM  TARGET_DIR
 
 It prompts `Password:` on stdout and reads the password from stdin when the locator has
-none, verifies TLS unless --noSSLVerify (trusting SSL_CERT_FILE like OpenSSL does), and
-writes TARGET_DIR/VM/VM.ovf, VM-disk1.vmdk ... and VM.mf, exporting through the vSphere
-API (ExportVm lease, HTTPS downloads, OvfManager.CreateDescriptor) as ovftool does. It
-prints `Disk progress: N%` lines and `Transfer Completed`. Each call's arguments (never
-a password) are appended to $V2K_TESTBED_WORKDIR/ovftool-calls.log so tests can check them.
+none (once: a refused login ends the run with `Error: Incorrect login credentials` and
+`Completed with errors`, exit status 1, as ovftool does), verifies TLS unless
+--noSSLVerify (trusting SSL_CERT_FILE like OpenSSL does), and writes TARGET_DIR/VM/VM.ovf,
+VM-disk1.vmdk ... and VM.mf, exporting through the vSphere API (ExportVm lease, HTTPS
+downloads, OvfManager.CreateDescriptor) as ovftool does. It prints `Disk progress: N%`
+lines and `Transfer Completed`. Each call's arguments (never a password) are appended to
+$V2K_TESTBED_WORKDIR/ovftool-calls.log so tests can check them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ VERSION = "VMware ovftool 4.6.3 (build-24031167)"
 
 
 def _fail(message: str) -> int:
+    # ovftool ends every failed run this way, its exit status 1.
     print(f"Error: {message}", flush=True)
+    print("Completed with errors", flush=True)
     return 1
 
 
@@ -93,7 +97,8 @@ def main(argv: list[str]) -> int:
             host=url.hostname, port=url.port or 443, user=user, pwd=password, sslContext=context
         )
     except vim.fault.InvalidLogin:
-        return _fail("Incorrect user name or password")
+        # ovftool's words for vCenter's InvalidLogin fault; it asks no second time.
+        return _fail("Incorrect login credentials")
     except ssl.SSLError as exc:
         return _fail(f"SSL certificate verification failed: {exc}")
     try:

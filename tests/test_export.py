@@ -25,6 +25,7 @@ from pyVmomi import vim, vmodl
 from pyVmomi.SoapAdapter import SoapStubAdapter
 
 from blocks import MigrationSettings, StagePolicy
+from blocks.vcenter import VCenterRefused, VCenterUnreachable
 from tasks import vcenter as vc
 from tasks.export import (
     OVF_NAME,
@@ -35,7 +36,7 @@ from tasks.export import (
     run_export,
 )
 from tasks.models import ExportResult, VmSpec
-from tasks.transfer import TAIL_CHECK, TransferError
+from tasks.transfer import TAIL_CHECK, TransferError, TransferFailed, TransferRefused
 from testbed.bed import TestBed
 from testbed.images import sha256_file
 from testbed.vcsim import VcSim
@@ -286,7 +287,7 @@ def test_a_failed_export_aborts_the_lease(source: Source, lease: SeenLease, tmp_
         export(source, tmp_path, settings(0, retries=1))
     error = check_lease_ended(source, lease, "error")
     assert isinstance(error, vmodl.fault.SystemError)
-    assert "v2k export failed: TransferError" in error.reason
+    assert "v2k export failed: TransferFailed" in error.reason
     assert not (tmp_path / OVF_NAME).exists()
     # Every request that reached the live lease was refused, the failing disk's retry
     # too; no body went out. (Requests after the abort get the simulator's 404 and are
@@ -396,8 +397,11 @@ def _raises(error: BaseException):
         (vim.fault.HostConnectFault(msg="The read operation timed out"), True),
         (vim.fault.NotAuthenticated(), True),
         (LeaseLost("gone"), True),
-        (TransferError("connections kept breaking"), True),
-        (TransferError("refused", status=403), False),
+        (TransferFailed("connections kept breaking"), True),
+        (TransferFailed("server error", status=500), False),
+        (TransferRefused("refused", status=403), False),
+        (VCenterRefused("login refused", "check the password"), False),
+        (VCenterUnreachable("no answer"), True),
         (StorageFull("full"), False),
         (ValueError("a bug"), False),
     ],
