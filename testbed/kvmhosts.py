@@ -205,18 +205,22 @@ def _namespaces_work() -> bool:
         return False
 
 
-def _mnt_ns(pid: int) -> str | None:
+def _uts_ns(pid: int) -> str | None:
     try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
+        return os.readlink(f"/proc/{pid}/ns/uts")
     except OSError:
         return None
 
 
-def _pids_in_mnt_ns(ns: str) -> list[int]:
-    """Every process whose mount namespace is `ns` (as `readlink /proc/PID/ns/mnt`)."""
+def pids_in_uts_ns(ns: str) -> list[int]:
+    """Every process whose UTS namespace is `ns` (as `readlink /proc/PID/ns/uts`).
+
+    A host's processes are found by its UTS namespace, not its mount namespace: libvirt
+    gives each QEMU a mount namespace of its own (for /dev), but not a UTS one.
+    """
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _mnt_ns(int(entry.name)) == ns:
+        if entry.name.isdigit() and _uts_ns(int(entry.name)) == ns:
             found.append(int(entry.name))
     return found
 
@@ -470,13 +474,13 @@ class KvmHosts:
         if line.strip() != b"ready":
             raise KvmHostsError(f"the namespaces of {h.name} could not be made:\n{_tail(log_path)}")
         h.ns_pid = proc.pid  # `ip netns exec`, `unshare` and `sh` all exec: this is sleep
-        self._holder_ns[h.name] = _mnt_ns(proc.pid)
+        self._holder_ns[h.name] = _uts_ns(proc.pid)
 
     def _end_namespace(self, name: str, holder: subprocess.Popen) -> None:
-        """Kill every process in the host's mount namespace, then the holder itself."""
+        """Kill every process in the host's namespaces, then the holder itself."""
         ns = self._holder_ns.pop(name, None)
         if ns:
-            for pid in _pids_in_mnt_ns(ns):
+            for pid in pids_in_uts_ns(ns):
                 if pid != holder.pid:
                     try:
                         os.kill(pid, signal.SIGKILL)

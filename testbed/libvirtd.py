@@ -322,9 +322,10 @@ class Libvirtd:
             name = dom.name()
             if not name.startswith(prefix):
                 continue
+            persistent = dom.isPersistent()  # a transient domain is gone once destroyed
             if dom.isActive():
                 dom.destroy()
-            if dom.isPersistent():
+            if persistent:
                 try:
                     dom.undefineFlags(UNDEFINE_FLAGS)
                 except libvirt.libvirtError:
