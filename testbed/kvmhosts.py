@@ -479,7 +479,9 @@ class KvmHosts:
     def _end_namespace(self, name: str, holder: subprocess.Popen) -> None:
         """Kill every process in the host's namespaces, then the holder itself."""
         ns = self._holder_ns.pop(name, None)
-        if ns:
+        # Only while the holder lives is `ns` surely still this host's: a freed
+        # namespace's number can be given to a new one (then the netns cleanup remains).
+        if ns and holder.poll() is None:
             for pid in pids_in_uts_ns(ns):
                 if pid != holder.pid:
                     try:

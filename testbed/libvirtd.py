@@ -60,6 +60,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,7 +143,8 @@ def _copy_xml(source: Path, target: Path) -> None:
         dest = target / path.name
         data = path.read_bytes()
         if not dest.exists() or dest.read_bytes() != data:
-            tmp = dest.with_suffix(f".tmp{os.getpid()}")
+            # The hosts' daemons start in threads of one process: a name per thread.
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}")
             tmp.write_bytes(data)
             tmp.replace(dest)
 
