@@ -24,7 +24,9 @@ Everything else (the rest of the file system, the bed's scratch directory that s
 NFS) is shared. The mounts are private to the host's namespace: they vanish with its last
 process, so `stop()` (which kills every process in the host's namespaces) leaves no mount
 behind. From the root namespace the host's private files stay reachable at their real
-paths (`HostInfo.private_path`), which is how tests reach each host's libvirtd socket.
+paths (`HostInfo.private_path`), and through `/proc/HOLDER/root/...`
+(`HostInfo.through_ns`), a short path, which is how tests reach each host's libvirtd socket
+(a UNIX socket path has at most 108 bytes; pytest's tmp paths can be longer).
 
 Usage:
     ```python
@@ -143,6 +145,13 @@ class HostInfo:
             if path.is_relative_to(private):
                 return self.root / path.relative_to("/")
         return Path(path)
+
+    def through_ns(self, path: str | Path) -> Path:
+        """`path` as this host sees it, reached from the root namespace through the
+        holder's `/proc/PID/root`: a short path, for UNIX sockets (108 bytes at most)."""
+        if self.ns_pid is None:
+            return Path(path)
+        return Path(f"/proc/{self.ns_pid}/root") / PurePosixPath(path).relative_to("/")
 
     @property
     def bin_dir(self) -> Path:

@@ -5,10 +5,12 @@ with `/etc/libvirt`, `/run/libvirt`, `/var/lib/libvirt`, `/var/cache/libvirt` an
 `/var/log/libvirt` of its own. `Libvirtd(host)` starts `/usr/sbin/virtlogd` and
 `/usr/sbin/libvirtd` in those namespaces (`nsenter`), so that host's sshd reaches exactly
 that daemon (`ssh_uri(host)`, `qemu+libssh2://root@10.250.1.2/system`) and no other. From
-the root namespace the daemon answers at `uri`, `qemu:///system?socket=` the real path of
-the host's `/run/libvirt/libvirt-sock` (a UNIX socket stays reachable through the real
-path of a bind-mounted directory). Nothing of the machine's own libvirt (a system libvirtd,
-/etc/libvirt) is used or changed. It creates, with libvirt-python:
+the root namespace the daemon answers at `uri`,
+`qemu:///system?socket=/proc/HOLDER/root/run/libvirt/libvirt-sock`: the host's socket seen
+through its namespace holder's root (`HostInfo.through_ns`). The real path of the host's
+directory (`HOSTDIR/root/run/libvirt/libvirt-sock`) works too, but may pass the 108 bytes
+a UNIX socket path can have (pytest's tmp paths). Nothing of the machine's own libvirt
+(a system libvirtd, /etc/libvirt) is used or changed. It creates, with libvirt-python:
 
 - a `dir` storage pool `v2k-pool` at `HOSTDIR/pool` (a directory of its own per host; the
   other hosts cannot see it, see kvmhosts.py);
@@ -224,7 +226,7 @@ class Libvirtd:
         self.capabilities_cache = capabilities_cache
         self.pool = f"{prefix}pool"
         self.pool_path = host.workdir.parent / "pool"
-        self.socket = host.private_path(LIBVIRT_SOCK)
+        self.socket = host.through_ns(LIBVIRT_SOCK)
         self.uri = f"{URI}?socket={quote(str(self.socket), safe='/')}"
         self.networks: list[str] = [f"{prefix}{n}" for n, _, _ in NETWORKS]
         self.bridges: dict[str, str] = {f"{prefix}{n}": f"{prefix}{b}" for n, b, _ in NETWORKS}
@@ -369,7 +371,7 @@ class Libvirtd:
 
     def _start_daemons(self) -> None:
         t0 = time.monotonic()
-        logd_sock = self.host.private_path(VIRTLOGD_SOCK)
+        logd_sock = self.host.through_ns(VIRTLOGD_SOCK)
         self._spawn("virtlogd", [VIRTLOGD, "-p", "/run/libvirt/virtlogd.pid"])
         self._wait(lambda: _unix_answers(logd_sock), "virtlogd", 15)
         self._spawn("libvirtd", [LIBVIRTD, "-p", "/run/libvirt/libvirtd.pid"])

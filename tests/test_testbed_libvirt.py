@@ -106,8 +106,10 @@ def download(conn, vol, size: int) -> bytes:
 def test_info(lv):
     info = json.loads(json.dumps(lv.info()))
     assert info["host"] == "kvm1"
-    sock = lv.host.root / "run/libvirt/libvirt-sock"
+    sock = f"/proc/{lv.host.ns_pid}/root/run/libvirt/libvirt-sock"
     assert info["uri"] == f"qemu:///system?socket={sock}"
+    # The socket is in the host's own directory (a bind mount), reachable by its real path.
+    assert (lv.host.root / "run/libvirt/libvirt-sock").is_socket()
     assert info["ssh_uri"].startswith(f"qemu+libssh2://root@{lv.host.address}:22/system?")
     assert info["pool"] == "v2k-pool"
     assert set(info["networks"]) == {"v2k-net", "v2k-net2"}
