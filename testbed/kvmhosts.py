@@ -239,8 +239,8 @@ class KvmHosts:
 
     `start()` (or entering the context) makes the keys, namespaces and sshd processes and
     waits until each sshd accepts TCP connections; `stop()` (or leaving the context) kills
-    the sshd process groups and deletes the veths and namespaces. Files under `workdir`
-    stay for inspection.
+    the sshd process groups and every process left in the hosts' namespaces, and deletes
+    the veths and namespaces. Files under `workdir` stay for inspection.
     """
 
     def __init__(
