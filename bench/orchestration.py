@@ -4,8 +4,9 @@ What runs, all on this machine:
 
 - a test bed in slot 3 (`testbed.bed.TestBed`): the vCenter simulator with an inventory
   of its own (`--vms` + `--repeats` + 1 powered-off VMs, each with one 1 MiB synthetic
-  disk and one NIC), two KVM hosts (sshd in network namespaces) and the system libvirtd
-  (pool and networks named `v2k3-...`; the domains are named after the VMs, `v2k3-orch-...`).
+  disk and one NIC), two KVM hosts (sshd in namespaces of their own), each with its own
+  libvirtd (pool and networks named `v2k3-...`; the domains are named after the VMs,
+  `v2k3-orch-...`).
 - on each KVM host, first on its PATH, the virt-v2v stand-in `bench/virt_v2v_standin.py`:
   real virt-v2v refuses disks without an OS, and this bench measures orchestration, not
   conversion. It keeps virt-v2v's command line, output files and progress events.
@@ -100,17 +101,19 @@ def install_standin(bed) -> None:
         tool.chmod(0o755)
 
 
-def remove_domains(names: list[str]) -> None:
-    """Undefine the bench's domains and delete their volumes (names are `v2k3-orch-*`)."""
+def remove_domains(bed, names: list[str]) -> None:
+    """Undefine the bench's domains and delete their volumes (names are `v2k3-orch-*`), on
+    every host (each has its own libvirtd)."""
     from tasks import kvm
 
-    conn = kvm.open_connection("qemu:///system")
-    try:
-        for name in names:
-            if name.startswith(PREFIX) and kvm.domain_exists(conn, name):
-                kvm.remove_domain_and_volumes(conn, name)
-    finally:
-        conn.close()
+    for lv in bed.libvirt.values():
+        conn = kvm.open_connection(lv.uri)
+        try:
+            for name in names:
+                if name.startswith(PREFIX) and kvm.domain_exists(conn, name):
+                    kvm.remove_domain_and_volumes(conn, name)
+        finally:
+            conn.close()
 
 
 @contextlib.contextmanager
@@ -137,7 +140,8 @@ def prefect_server(home: Path, database: str):
 def pids(bed, local, pg_pid: int | None) -> dict[str, int]:
     """The roots of the process trees that do the work besides the worker: the Prefect
     server (with PostgreSQL's, started beside it), the simulator, each host's sshd (its
-    sessions run the commands). libvirtd is shared with other work and left out."""
+    sessions run the commands). The hosts' libvirtds are left out, as when one libvirtd was
+    shared with other work, so the figures stay comparable."""
     found = {"prefect server": local.server.pid, "vcsim": bed.vcsim.pid}
     found |= {f"sshd {h.name}": h.pid for h in bed.hosts.hosts}
     return found | ({"postgresql": pg_pid} if pg_pid else {})
@@ -478,7 +482,7 @@ def run(
         info = machine(work)
         with TestBed(work / "bed", hosts=2, libvirt=True, inventory=inv, slot=SLOT) as bed:
             install_standin(bed)
-            remove_domains(solo_names + wave_names)  # left by an interrupted run
+            remove_domains(bed, solo_names + wave_names)  # left by an interrupted run
             log(f"test bed up in {time.monotonic() - started:.0f} s; starting Prefect")
             with prefect_server(work / "prefect", database) as (local, pg_pid):
                 blocks = bed.save_blocks("orch")
@@ -500,7 +504,7 @@ def run(
                         },
                     )
                 finally:
-                    remove_domains(solo_names + wave_names)
+                    remove_domains(bed, solo_names + wave_names)
         return Result(
             machine=info,
             database=database,

@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, func, hidden in (("up", cmd_up, False), ("_serve", cmd_serve, True)):
         p = sub.add_parser(name, help=None if hidden else "start the test bed in the background")
         p.add_argument("--hosts", type=int, default=2, help="number of KVM hosts (default 2)")
-        p.add_argument("--libvirt", action="store_true", help="start libvirtd with pool and nets")
+        p.add_argument(
+            "--libvirt", action="store_true", help="start each host's libvirtd, pool and nets"
+        )
         p.add_argument("--inventory", help="inventory YAML (default: testbed/inventory.yaml)")
         p.add_argument("--real-guest", action="store_true", help="use the real Debian guest")
         p.add_argument("--esx", action="store_true", help="a standalone ESXi host, not vCenter")

@@ -1,7 +1,22 @@
-"""The whole test bed in one object: vCenter simulator with its inventory, KVM hosts, libvirtd.
+"""The whole test bed in one object: vCenter simulator with its inventory, KVM hosts, libvirt.
 
 `TestBed` starts the parts in order, describes them as JSON, and makes the v2k blocks
 that point at them, so a flow run in the test bed uses exactly what a user would save.
+
+The KVM hosts are as separate as real hosts (testbed/kvmhosts.py, testbed/libvirtd.py):
+each has its own network, mount and UTS namespaces, its own virtlogd and libvirtd with a
+pool `PREFIX-pool` (the same name on every host, in a directory of its own) and the same
+two networks, and host-local storage at `local_dir` (one path, a different directory on
+each host). The `scratch` directory stands for NFS: the worker and every host see it.
+
+What tests use:
+
+- `bed.libvirt["kvm1"]`: kvm1's `Libvirtd`; `bed.libvirt_conn("kvm1")` a connection to
+  it straight from the root namespace (its UNIX socket), `bed.pool_path("kvm1")` its pool
+  directory. The KvmHost blocks reach the same daemons through each host's sshd.
+- `bed.pool`, `bed.networks`, `bed.prefix`: names that are the same on every host.
+- `bed.local_dir` and `bed.local_backing("kvm1")`: the host-local path and the directory
+  that backs it for kvm1 (the `local` block is a TemporaryStorage(shared=False) there).
 """
 
 from __future__ import annotations
@@ -11,13 +26,15 @@ import os
 import shlex
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from testbed.inventory import DEFAULT_INVENTORY, apply_inventory, for_esx, load_inventory
 from testbed.kvmhosts import KvmHosts
-from testbed.libvirtd import Libvirtd, ssh_uri
+from testbed.libvirtd import NETWORKS, Libvirtd, ssh_uri
 from testbed.netns_forward import LoopbackForwarder
+from testbed.paths import cache_dir
 from testbed.vcsim import VcSim
 
 log = logging.getLogger("testbed")
@@ -34,13 +51,20 @@ def default_slot() -> int:
     return slot
 
 
+def _stop_quietly(part) -> None:
+    try:
+        part.stop()
+    except Exception as exc:  # noqa: BLE001 - stop the rest all the same
+        log.warning("stopping %s failed: %s", type(part).__name__, exc)
+
+
 class TestBed:
-    """vCenter simulator, N KVM hosts and libvirtd, started and stopped together.
+    """vCenter simulator and N KVM hosts with their libvirtds, started and stopped together.
 
     Args:
         workdir: Everything of this test bed lives below it.
         hosts: Number of KVM hosts.
-        libvirt: Start libvirtd with the pool and networks.
+        libvirt: Start each host's libvirtd with its pool and networks.
         inventory: YAML inventory for the simulator; None for an empty one.
         real_guest: Put the real Debian guest image where the inventory asks for it
             (built once, cached); False puts synthetic disks there (fast tests).
@@ -64,9 +88,15 @@ class TestBed:
         slot: int | None = None,
         ovftool_hosts: tuple[str, ...] = (),
     ) -> None:
+        if libvirt and not hosts:
+            raise ValueError("libvirt runs on the KVM hosts: give hosts >= 1")
         self.workdir = Path(workdir)
         self.slot = default_slot() if slot is None else slot
         prefix = f"v2k{self.slot}-" if self.slot else "v2k-"
+        #: Prefix of the bed's libvirt names (pool, networks, bridges, test domains).
+        self.prefix = prefix
+        self.pool = f"{prefix}pool"
+        self.networks = [f"{prefix}{n}" for n, _, _ in NETWORKS]
         self.vcsim = VcSim(self.workdir / "vcsim", esx=esx)
         self.hosts = (
             KvmHosts(
@@ -78,11 +108,9 @@ class TestBed:
             if hosts
             else None
         )
-        self.libvirtd = (
-            Libvirtd(self.workdir / "libvirt", prefix=prefix, ip_prefix=f"10.{251 + self.slot}")
-            if libvirt
-            else None
-        )
+        self.with_libvirt = libvirt
+        #: Each host's libvirt, by host name (made when the hosts are up).
+        self.libvirt: dict[str, Libvirtd] = {}
         self.inventory_path = inventory
         self.real_guest = real_guest
         self.esx = esx
@@ -90,6 +118,7 @@ class TestBed:
         self.applied = None
         self.ovftool_hosts = ovftool_hosts
         self._forwarders: list[LoopbackForwarder] = []
+        self._libvirt_futures: list = []
 
     def __enter__(self) -> TestBed:
         return self.start()
@@ -97,11 +126,35 @@ class TestBed:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def libvirtd(self):
+        raise AttributeError(
+            "TestBed.libvirtd is gone: each KVM host has its own libvirtd. Use "
+            "bed.libvirt_conn('kvm1'), bed.libvirt['kvm1'], bed.pool, bed.networks, bed.prefix"
+        )
+
+    def libvirt_conn(self, host: str):
+        """A connection to `host`'s libvirtd from the root namespace (owned by the bed)."""
+        return self.libvirt[host].conn
+
+    def pool_path(self, host: str) -> Path:
+        """The directory of `host`'s pool (a different one on each host)."""
+        return self.libvirt[host].pool_path
+
+    @property
+    def local_dir(self) -> Path:
+        """Host-local storage: this path on every host, backed by a directory of its own."""
+        return self.hosts.local_dir
+
+    def local_backing(self, host: str) -> Path:
+        """The real directory, in the root namespace, behind `local_dir` on `host`."""
+        return self.hosts.host(host).local_backing
+
     def start(self) -> TestBed:
         try:
             self.scratch.mkdir(parents=True, exist_ok=True)
             self.vcsim.start()
-            self._apply_inventory()
+            daemons = None
             if self.hosts:
                 # The hosts trust the simulator's CA, as real hosts trust vCenter's.
                 self.hosts.env["SSL_CERT_FILE"] = str(self.vcsim.ca_cert)
@@ -111,12 +164,32 @@ class TestBed:
                     if host.netns:
                         forwarder = LoopbackForwarder(host.netns, self.vcsim.port).start()
                         self._forwarders.append(forwarder)
-            if self.libvirtd:
-                self.libvirtd.start()
+                if self.with_libvirt:
+                    daemons = self._start_libvirt()
+            try:
+                # The inventory goes in while the libvirtds start (a first start: ~8 s).
+                self._apply_inventory()
+            finally:
+                if daemons is not None:
+                    daemons.shutdown(wait=True)
+            for started in self._libvirt_futures:
+                started.result()  # a daemon that did not start raises its LibvirtdError
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_libvirt(self) -> ThreadPoolExecutor:
+        """Start every host's libvirtd at once, in threads; the caller waits for them."""
+        ip_prefix = f"10.{251 + self.slot}"
+        caps = cache_dir() / "libvirt-qemu-capabilities"
+        for host in self.hosts.hosts:
+            self.libvirt[host.name] = Libvirtd(
+                host, prefix=self.prefix, ip_prefix=ip_prefix, capabilities_cache=caps
+            )
+        pool = ThreadPoolExecutor(max_workers=len(self.libvirt), thread_name_prefix="libvirtd")
+        self._libvirt_futures = [pool.submit(lv.start) for lv in self.libvirt.values()]
+        return pool
 
     def _apply_inventory(self) -> None:
         if self.inventory_path is None:
@@ -167,13 +240,12 @@ class TestBed:
         for forwarder in self._forwarders:
             forwarder.stop()
         self._forwarders.clear()
-        for part in (self.libvirtd, self.hosts, self.vcsim):
-            if part is None:
-                continue
-            try:
-                part.stop()
-            except Exception as exc:  # noqa: BLE001 - stop the rest all the same
-                log.warning("stopping %s failed: %s", type(part).__name__, exc)
+        if self.libvirt:  # the hosts' daemons at once, then the hosts themselves
+            with ThreadPoolExecutor(max_workers=len(self.libvirt)) as pool:
+                list(pool.map(_stop_quietly, self.libvirt.values()))
+        for part in (self.hosts, self.vcsim):
+            if part is not None:
+                _stop_quietly(part)
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def info(self) -> dict[str, Any]:
@@ -181,7 +253,8 @@ class TestBed:
         return {
             "vcenter": self.vcsim.info(),
             "hosts": self.hosts.info() if self.hosts else [],
-            "libvirt": self.libvirtd.info() if self.libvirtd else None,
+            "libvirt": {name: lv.info() for name, lv in self.libvirt.items()},
+            "local_dir": str(self.local_dir) if self.hosts else None,
             "scratch": str(self.scratch),
         }
 
@@ -201,6 +274,10 @@ class TestBed:
             f"{prefix}-scratch": TemporaryStorage(worker_path=str(self.scratch), reserve_bytes=0),
             f"{prefix}-settings": MigrationSettings(),
         }
+        if self.hosts and self.hosts.separate:
+            made[f"{prefix}-local"] = TemporaryStorage(
+                shared=False, host_path=str(self.local_dir), reserve_bytes=0
+            )
         host_names = []
         for host in self.hosts.hosts if self.hosts else []:
             name = f"{prefix}-{host.name}"
@@ -211,7 +288,7 @@ class TestBed:
                 user=host.user,
                 private_key_path=str(host.key_path),
                 known_hosts=str(host.known_hosts),
-                libvirt_uri=ssh_uri(host) if self.libvirtd else None,
+                libvirt_uri=ssh_uri(host) if self.with_libvirt else None,
                 workdir=str(host.workdir),
                 # This machine's /dev/kvm opens but cannot run guests (TESTBED.md).
                 domain_type="qemu",
@@ -219,12 +296,12 @@ class TestBed:
         if host_names:
             made[f"{prefix}-cluster"] = KvmCluster(
                 hosts=host_names,
-                storage_pool=self.libvirtd.pool if self.libvirtd else "default",
+                storage_pool=self.pool if self.with_libvirt else "default",
                 network_map={
                     portgroup: f"network:{network}"
-                    for portgroup, network in zip(PORTGROUPS, self.libvirtd.networks, strict=False)
+                    for portgroup, network in zip(PORTGROUPS, self.networks, strict=False)
                 }
-                if self.libvirtd
+                if self.with_libvirt
                 else {},
             )
         return made

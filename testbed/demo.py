@@ -26,9 +26,10 @@ def run_demo() -> int:
     from tasks.models import MigrationRequest
     from tasks.progress import human_bytes
     from testbed.bed import TestBed
+    from testbed.testing import host_of
 
     console = Console()
-    console.rule("v2k demo: starting the test bed (vCenter simulator, 2 KVM hosts, libvirtd)")
+    console.rule("v2k demo: starting the test bed (vCenter simulator, 2 KVM hosts with libvirtd)")
     with TestBed(run_dir() / "demo", hosts=2, libvirt=True, real_guest=True) as bed:
         names = bed.save_blocks("demo")
         vcenter = bed.blocks("demo")[names["vcenter"]]
@@ -61,7 +62,8 @@ def run_demo() -> int:
         except Exception as exc:  # noqa: BLE001 - the demo reports and exits non-zero
             console.print(f"[red]demo migration failed:[/red] {exc}")
             return 1
-        conn = kvm.open_connection(bed.libvirtd.uri)
+        # The import host's own libvirtd (each test bed host has one).
+        conn = kvm.open_connection(bed.libvirt[host_of(result.import_host)].uri)
         try:
             summary = Table(title=f"{result.vm} -> domain {result.domain_name}")
             summary.add_column("stage")

@@ -1,19 +1,39 @@
-"""KVM hosts for the test bed: one OpenSSH server per host, each in its own network namespace.
+"""KVM hosts for the test bed: one OpenSSH server per host, each in namespaces of its own.
 
-Each host `kvmN` gets a namespace `v2k-kvmN` joined to the root namespace by a veth pair
-(root side `v2k-kvmN` 10.250.N.1/24, namespace side `eth0` 10.250.N.2/24) and an sshd on
-10.250.N.2:22 that runs as root with the test bed's client key only. Where namespaces cannot
-be made (or `use_netns=False`), every sshd listens on 127.0.0.1 on a port of its own.
+Each host `kvmN` gets a network namespace `v2k-kvmN` joined to the root namespace by a veth
+pair (root side `v2k-kvmN` 10.250.N.1/24, namespace side `eth0` 10.250.N.2/24) and an sshd
+on 10.250.N.2:22 that runs as root with the test bed's client key only. Where namespaces
+cannot be made (or `use_netns=False`), every sshd listens on 127.0.0.1 on a port of its own.
 
-When `unshare --uts` works, each sshd also gets its own UTS namespace with the host name
-set to `kvmN`, so `hostname` over SSH tells the hosts apart. The namespaces share the file
-system: per-host state lives under `WORKDIR/hosts/kvmN/`.
+Separate hosts: when `unshare --mount --uts` works (root), each host also gets its own
+mount and UTS namespace, held by one process (`sleep infinity`, `HostInfo.ns_pid`) started
+inside the network namespace; sshd and the host's libvirt daemons (testbed/libvirtd.py) are
+started in it with `nsenter`. Inside it:
+
+- `hostname` is the host's name (`kvmN`);
+- `/etc/libvirt`, `/run/libvirt`, `/var/lib/libvirt`, `/var/cache/libvirt`,
+  `/var/log/libvirt` (`PRIVATE_DIRS`) are bind mounts of the host's own directories
+  below `WORKDIR/hosts/kvmN/root/`, so each host has its own libvirt state and sockets;
+- `WORKDIR/local` (`KvmHosts.local_dir`, the same path on every host) is a bind mount of
+  `WORKDIR/hosts/kvmN/local`: host-local storage. What one host writes there is seen
+  neither by the other hosts nor by the worker (the root namespace sees an empty directory);
+- the directories of the OTHER hosts (`WORKDIR/hosts/kvmJ`) are covered by an empty,
+  read-only tmpfs: a host cannot read another host's pool or files by their real path.
+
+Everything else (the rest of the file system, the bed's scratch directory that stands for
+NFS) is shared. The mounts are private to the host's namespace: they vanish with its last
+process, so `stop()` (which kills every process in the host's namespaces) leaves no mount
+behind. From the root namespace the host's private files stay reachable at their real
+paths (`HostInfo.private_path`), and through `/proc/HOLDER/root/...`
+(`HostInfo.through_ns`), a short path, which is how tests reach each host's libvirtd socket
+(a UNIX socket path has at most 108 bytes; pytest's tmp paths can be longer).
 
 Usage:
     ```python
     with KvmHosts(tmp_path, count=2) as hosts:
         for h in hosts.hosts:
             print(h.name, h.address, h.port, h.key_path, h.known_hosts)
+        hosts.host("kvm1").private_path("/run/libvirt/libvirt-sock")  # real path of kvm1's
     ```
 """
 
@@ -21,17 +41,44 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 SSHD = "/usr/sbin/sshd"
+
+#: Directories each host has of its own (bind mounts in its mount namespace): libvirt's
+#: configuration, sockets, state, caches and logs.
+PRIVATE_DIRS = (
+    "/etc/libvirt",
+    "/run/libvirt",
+    "/var/lib/libvirt",
+    "/var/cache/libvirt",
+    "/var/log/libvirt",
+)
+
+# Run in the new namespaces by `unshare`: set the host name, make the bind mounts
+# (`bind SRC DST`) and cover the other hosts' directories (`hide DST`), say so, then hold
+# the namespaces open until killed.
+_HOLDER_SCRIPT = """set -e
+hostname "$1"; shift
+while [ $# -gt 0 ]; do
+  case "$1" in
+    bind) mkdir -p "$3"; mount --bind "$2" "$3"; shift 3 ;;
+    hide) mount -t tmpfs -o ro,size=4k,mode=0755 v2k-other-host "$2"; shift 2 ;;
+  esac
+done
+echo ready
+exec sleep infinity
+"""
 NETNS_PREFIX = "v2k-"
 SUBNET = "10.250"
 
@@ -62,11 +109,49 @@ class HostInfo:
     pid: int | None
     host_key: Path
     log_path: Path
+    #: Pid of the process that holds the host's mount and UTS namespaces (None: the
+    #: host shares the machine's file system, see `KvmHosts.separate`).
+    ns_pid: int | None = None
+    #: Real path (in the root namespace) of the host's own tree: `/run/libvirt` on the
+    #: host is `root/run/libvirt` here.
+    root: Path | None = None
+    #: Host-local storage: `local_dir` on the host is `local_backing` in the root namespace.
+    local_dir: Path | None = None
+    local_backing: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths as strings)."""
         data = asdict(self)
         return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+    def nsenter(self, argv: list[str]) -> list[str]:
+        """`argv` run inside this host's namespaces (mount, UTS, network)."""
+        if self.ns_pid is None:
+            return ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
+        return ["nsenter", "-t", str(self.ns_pid), "-m", "-u", "-n", "--", *argv]
+
+    def private_path(self, path: str | Path) -> Path:
+        """The real path, from the root namespace, of `path` as this host sees it.
+
+        Paths below `PRIVATE_DIRS` and `local_dir` map to the host's own directories;
+        any other path is shared and comes back unchanged.
+        """
+        path = PurePosixPath(path)
+        if self.root is None:
+            return Path(path)
+        if self.local_dir and path.is_relative_to(self.local_dir):
+            return self.local_backing / path.relative_to(self.local_dir)
+        for private in PRIVATE_DIRS:
+            if path.is_relative_to(private):
+                return self.root / path.relative_to("/")
+        return Path(path)
+
+    def through_ns(self, path: str | Path) -> Path:
+        """`path` as this host sees it, reached from the root namespace through the
+        holder's `/proc/PID/root`: a short path, for UNIX sockets (108 bytes at most)."""
+        if self.ns_pid is None:
+            return Path(path)
+        return Path(f"/proc/{self.ns_pid}/root") / PurePosixPath(path).relative_to("/")
 
     @property
     def bin_dir(self) -> Path:
@@ -120,11 +205,33 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def _uts_works() -> bool:
+def _namespaces_work() -> bool:
+    """True when a mount and UTS namespace can be made here (root, no seccomp block)."""
     try:
-        return _run(["unshare", "--uts", "true"], check=False, timeout=10).returncode == 0
+        probe = ["unshare", "--mount", "--uts", "--propagation", "private", "true"]
+        return _run(probe, check=False, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def _uts_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/uts")
+    except OSError:
+        return None
+
+
+def pids_in_uts_ns(ns: str) -> list[int]:
+    """Every process whose UTS namespace is `ns` (as `readlink /proc/PID/ns/uts`).
+
+    A host's processes are found by its UTS namespace, not its mount namespace: libvirt
+    gives each QEMU a mount namespace of its own (for /dev), but not a UTS one.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _uts_ns(int(entry.name)) == ns:
+            found.append(int(entry.name))
+    return found
 
 
 class KvmHosts:
@@ -132,8 +239,8 @@ class KvmHosts:
 
     `start()` (or entering the context) makes the keys, namespaces and sshd processes and
     waits until each sshd accepts TCP connections; `stop()` (or leaving the context) kills
-    the sshd process groups and deletes the veths and namespaces. Files under `workdir`
-    stay for inspection.
+    the sshd process groups and every process left in the hosts' namespaces, and deletes
+    the veths and namespaces. Files under `workdir` stay for inspection.
     """
 
     def __init__(
@@ -159,11 +266,16 @@ class KvmHosts:
         self.subnet = subnet
         self.key_path = self.workdir / "client_ed25519"
         self.known_hosts = self.workdir / "known_hosts"
+        #: Host-local storage: the same path on every host, backed per host (module doc).
+        self.local_dir = self.workdir / "local"
         self.hosts: list[HostInfo] = []
         self._procs: dict[str, subprocess.Popen] = {}
+        self._holders: dict[str, subprocess.Popen] = {}
+        self._holder_ns: dict[str, str] = {}
         self._netns_made: list[str] = []
-        #: True when each sshd runs in its own UTS namespace, with `hostname` = host name.
-        self.own_hostnames = False
+        #: True when each host has its own mount and UTS namespaces (module doc); then
+        #: `hostname` over SSH is the host's name.
+        self.separate = False
         self._started = False
 
     # ---- public API -------------------------------------------------------------------
@@ -182,6 +294,11 @@ class KvmHosts:
                 return h
         raise KeyError(name)
 
+    @property
+    def own_hostnames(self) -> bool:
+        """True when `hostname` on each host is its name (its own UTS namespace)."""
+        return self.separate
+
     def info(self) -> list[dict[str, Any]]:
         """Every host as a JSON-ready dict."""
         return [h.to_dict() for h in self.hosts]
@@ -198,12 +315,15 @@ class KvmHosts:
         return self
 
     def stop(self) -> None:
-        """Kill every sshd, delete every veth and namespace this object made."""
+        """Kill every sshd and every process in the hosts' namespaces, delete every veth
+        and namespace this object made (the hosts' mounts go with their namespaces)."""
         for name, proc in list(self._procs.items()):
             self._kill(proc)
             del self._procs[name]
         for h in self.hosts:
             h.pid = None
+        for name, holder in list(self._holders.items()):
+            self._end_namespace(name, holder)
         for ns in list(self._netns_made):
             self._delete_netns(ns)
             self._netns_made.remove(ns)
@@ -240,7 +360,9 @@ class KvmHosts:
         if not Path(SSHD).exists():
             raise KvmHostsError(f"{SSHD} is missing: install openssh-server")
         _keygen(self.key_path, "v2k-testbed-client")
-        self.own_hostnames = _uts_works()
+        self.separate = _namespaces_work()
+        if not self.separate:
+            log.warning("mount namespaces unavailable: the hosts share one file system")
 
         netns = self.use_netns
         if netns is None or netns:
@@ -279,9 +401,15 @@ class KvmHosts:
                     pid=None,
                     host_key=host_key,
                     log_path=hdir / "sshd.log",
+                    local_dir=self.local_dir,
+                    local_backing=hdir / "local",
                 )
             )
         self.write_known_hosts()
+        if self.separate:
+            self.local_dir.mkdir(exist_ok=True)
+            for h in self.hosts:
+                self._make_namespace(h)
         for h in self.hosts:
             self._spawn(h)
         for h in self.hosts:
@@ -315,6 +443,65 @@ class KvmHosts:
             _run(["ip", "netns", "del", ns], check=False)
         if _link_exists(ns):
             _run(["ip", "link", "del", ns], check=False)
+
+    def _make_namespace(self, h: HostInfo) -> None:
+        """Start the process that holds the host's mount and UTS namespaces (module doc)."""
+        hdir = h.workdir.parent
+        h.root = hdir / "root"
+        # Fresh every start: the host's libvirt state of an earlier run must not come back.
+        for path in (h.root, h.local_backing):
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+        args = [h.name]
+        for private in PRIVATE_DIRS:
+            source = h.private_path(private)
+            source.mkdir(parents=True, exist_ok=True)
+            args += ["bind", str(source), private]
+        args += ["bind", str(h.local_backing), str(self.local_dir)]
+        for other in range(1, self.count + 1):
+            if f"kvm{other}" != h.name:
+                other_dir = self.workdir / "hosts" / f"kvm{other}"
+                other_dir.mkdir(parents=True, exist_ok=True)
+                args += ["hide", str(other_dir)]
+        cmd = ["unshare", "--mount", "--uts", "--propagation", "private"]
+        cmd += ["sh", "-c", _HOLDER_SCRIPT, "sh", *args]
+        if h.netns:
+            cmd = ["ip", "netns", "exec", h.netns, *cmd]
+        log_path = hdir / "namespace.log"
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=logf,
+                start_new_session=True,
+            )
+        self._holders[h.name] = proc
+        ready, _, _ = select.select([proc.stdout], [], [], self.start_timeout)
+        line = proc.stdout.readline() if ready else b""
+        proc.stdout.close()
+        if line.strip() != b"ready":
+            raise KvmHostsError(f"the namespaces of {h.name} could not be made:\n{_tail(log_path)}")
+        h.ns_pid = proc.pid  # `ip netns exec`, `unshare` and `sh` all exec: this is sleep
+        self._holder_ns[h.name] = _uts_ns(proc.pid)
+
+    def _end_namespace(self, name: str, holder: subprocess.Popen) -> None:
+        """Kill every process in the host's namespaces, then the holder itself."""
+        ns = self._holder_ns.pop(name, None)
+        # Only while the holder lives is `ns` surely still this host's: a freed
+        # namespace's number can be given to a new one (then the netns cleanup remains).
+        if ns and holder.poll() is None:
+            for pid in pids_in_uts_ns(ns):
+                if pid != holder.pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        kill_group(holder)
+        del self._holders[name]
+        for h in self.hosts:
+            if h.name == name:
+                h.ns_pid = None
 
     def _sshd_config(self, h: HostInfo) -> Path:
         lines = [
@@ -365,12 +552,7 @@ class KvmHosts:
         test = _run([SSHD, "-t", "-f", str(config)], check=False)
         if test.returncode != 0:
             raise KvmHostsError(f"sshd config of {h.name} is invalid: {test.stderr.strip()}")
-        cmd = [SSHD, "-D", "-e", "-f", str(config)]
-        if self.own_hostnames:
-            # New UTS namespace: the host name becomes the test bed host's name.
-            cmd = ["unshare", "--uts", "sh", "-c", f'hostname {h.name} && exec "$@"', "sh", *cmd]
-        if h.netns:
-            cmd = ["ip", "netns", "exec", h.netns, *cmd]
+        cmd = h.nsenter([SSHD, "-D", "-e", "-f", str(config)])
         with open(h.log_path, "ab") as logf:
             proc = subprocess.Popen(
                 cmd,
@@ -380,7 +562,7 @@ class KvmHosts:
                 start_new_session=True,  # own process group, killed as a group in stop()
             )
         self._procs[h.name] = proc
-        h.pid = proc.pid  # `ip netns exec`, `unshare` and `sh` all exec: this is sshd
+        h.pid = proc.pid  # `nsenter` (or `ip netns exec`) execs: this is sshd
 
     def _wait_ready(self, h: HostInfo) -> None:
         """Wait until the sshd of `h` answers with an SSH banner, from the root namespace."""

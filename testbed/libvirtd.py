@@ -1,54 +1,68 @@
-"""The test bed's libvirt: the system libvirtd (`qemu:///system`) with a pool and two networks.
+"""The libvirt of one test bed KVM host: its own virtlogd and libvirtd, pool and networks.
 
-`Libvirtd(workdir)` starts `/usr/sbin/virtlogd` and `/usr/sbin/libvirtd` unless they already
-run and answer (then it neither owns nor stops them), waits until libvirtd answers (about
-8 s on a first start: QEMU capabilities are probed), and creates with libvirt-python:
+Each test bed host (testbed/kvmhosts.py) has its own mount, UTS and network namespaces,
+with `/etc/libvirt`, `/run/libvirt`, `/var/lib/libvirt`, `/var/cache/libvirt` and
+`/var/log/libvirt` of its own. `Libvirtd(host)` starts `/usr/sbin/virtlogd` and
+`/usr/sbin/libvirtd` in those namespaces (`nsenter`), so that host's sshd reaches exactly
+that daemon (`ssh_uri(host)`, `qemu+libssh2://root@10.250.1.2/system`) and no other. From
+the root namespace the daemon answers at `uri`,
+`qemu:///system?socket=/proc/HOLDER/root/run/libvirt/libvirt-sock`: the host's socket seen
+through its namespace holder's root (`HostInfo.through_ns`). The real path of the host's
+directory (`HOSTDIR/root/run/libvirt/libvirt-sock`) works too, but may pass the 108 bytes
+a UNIX socket path can have (pytest's tmp paths). Nothing of the machine's own libvirt
+(a system libvirtd, /etc/libvirt) is used or changed. It creates, with libvirt-python:
 
-- a `dir` storage pool `v2k-pool` at `WORKDIR/pool` (defined, built, started);
+- a `dir` storage pool `v2k-pool` at `HOSTDIR/pool` (a directory of its own per host; the
+  other hosts cannot see it, see kvmhosts.py);
 - two isolated networks (no `<forward>`: nothing leaves the bridge) with DHCP and no DNS
   (so dnsmasq forwards no queries out): `v2k-net` on bridge `v2k-br0` 10.251.0.1/24, and
   `v2k-net2` on `v2k-br1` 10.251.1.1/24 for NIC-mapping tests (`ip_prefix` moves them).
+  The bridges live in the host's network namespace: every host has the same names.
 
-`stop()` destroys and undefines those, and every domain whose name starts with the prefix
-(`v2k-`), then stops the daemons it started. The names come from `prefix`: two test beds
-with different prefixes and `ip_prefix`es can share one libvirtd.
+`prefix` (`v2k-`, `v2k1-` in slot 1) names the pool, networks and bridges as before.
+`stop()` destroys every domain and network (their QEMU and dnsmasq processes end with
+them) and stops both daemons; `KvmHosts.stop()` then kills whatever is left in the host's
+namespaces.
 
-Configuration this machine needs (Debian 12, root, no systemd):
+Start-up: a libvirtd's first start probes QEMU's capabilities (about 8 s here). The probe
+result (`/var/cache/libvirt/qemu/capabilities/*.xml`) is kept in the test bed cache
+(`cache_dir()/libvirt-qemu-capabilities`, `capabilities_cache`) and copied into each host
+before its daemon starts: libvirt checks the files itself (QEMU's and libvirtd's ctime,
+kernel, microcode) and probes again when they are stale. TestBed starts the hosts' daemons
+in parallel.
 
-- libvirtd is given its own, empty-ish configuration with `-f WORKDIR/libvirtd.conf`, so
-  /etc/libvirt/libvirtd.conf is neither needed nor changed. The Debian defaults work as
-  they are: no cgroup, D-Bus, firewalld or udev problem stops it (it only logs errors
-  about D-Bus and DMI data).
-- /etc/libvirt/qemu.conf is edited, idempotently (a marked block appended once), to run
-  QEMU as root (`user = "root"`, `group = "root"`). With Debian's default
-  (`libvirt-qemu`), QEMU cannot open disks of a pool below a 0700 directory such as
-  pytest's `/tmp/pytest-of-root`: "Cannot access storage file ... (as uid:64055,
-  gid:64055): Permission denied". Real hosts keep pools in /var/lib/libvirt/images and
-  do not need this. Pass `qemu_as_root=False` to leave qemu.conf alone. A libvirtd
-  that already runs only sees the change after a restart.
+Configuration this machine needs (Debian 12, root, no systemd), in each host's own
+`/etc/libvirt` (the top-level files of the machine's /etc/libvirt, copied):
+
+- libvirtd.conf is the test bed's own (UNIX sockets only, log to stderr).
+- qemu.conf gets, in the host's copy only, `user = "root"`, `group = "root"`: with
+  Debian's default (`libvirt-qemu`), QEMU cannot open disks of a pool below a 0700
+  directory such as pytest's `/tmp/pytest-of-root`: "Cannot access storage file ... (as
+  uid:64055, gid:64055): Permission denied". Real hosts keep pools in
+  /var/lib/libvirt/images and do not need this. `qemu_as_root=False` leaves it out.
 - Only `<domain type='qemu'>` (TCG) starts here; `<graphics type='none'>` is not valid
   XML for libvirt 9.0 (leave graphics out instead).
-- Without D-Bus, libvirt writes iptables rules itself for each network (LIBVIRT_* chains:
-  reject forwarding, accept DHCP on the bridge); destroying a network removes its rules,
-  the empty chains stay. Debian's `default` network (192.168.122.0/24) is defined but
-  not autostarted here and is never touched.
+- Without D-Bus, libvirt writes iptables rules itself for each network, here in the
+  host's network namespace (gone with it).
 
 Usage:
     ```python
-    with Libvirtd(tmp_path) as lv:
-        conn = libvirt.open(lv.uri)
+    with KvmHosts(tmp_path) as hosts, Libvirtd(hosts.host("kvm1")) as lv:
+        conn = libvirt.open(lv.uri)   # kvm1's daemon, from the root namespace
         conn.storagePoolLookupByName(lv.pool).listAllVolumes()
-        ssh_uri(hosts.host("kvm1"))   # the same libvirtd, reached through an sshd
+        ssh_uri(hosts.host("kvm1"))   # the same daemon, reached through kvm1's sshd
     ```
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +82,10 @@ LIBVIRTD = "/usr/sbin/libvirtd"
 VIRTLOGD = "/usr/sbin/virtlogd"
 LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
-QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+#: The machine's libvirt configuration: its top-level files are copied into each host.
+SYSTEM_ETC = Path("/etc/libvirt")
+#: Where libvirtd keeps the result of its QEMU probe (in the host's namespaces).
+CAPABILITIES = Path("/var/cache/libvirt/qemu/capabilities")
 QEMU_CONF_MARK = "# v2k test bed (testbed/libvirtd.py): QEMU runs as root"
 
 #: (suffix of the network name, suffix of the bridge name, third octet of 10.251.X.0/24)
@@ -98,9 +115,7 @@ def _unix_answers(path: Path) -> bool:
             return False
 
 
-def _libvirtd_answers(uri: str = URI) -> bool:
-    if not _unix_answers(LIBVIRT_SOCK):
-        return False
+def _libvirtd_answers(uri: str) -> bool:
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError:
@@ -121,7 +136,22 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def ensure_qemu_conf(path: Path = QEMU_CONF) -> bool:
+def _copy_xml(source: Path, target: Path) -> None:
+    """Copy the *.xml files of `source` into `target` where they differ (atomic rename)."""
+    if not source.is_dir():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.glob("*.xml"):
+        dest = target / path.name
+        data = path.read_bytes()
+        if not dest.exists() or dest.read_bytes() != data:
+            # The hosts' daemons start in threads of one process: a name per thread.
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_bytes(data)
+            tmp.replace(dest)
+
+
+def ensure_qemu_conf(path: Path) -> bool:
     """Make QEMU run as root (see module doc); return True when the file was changed.
 
     Leaves the file alone when it already sets `user` or `group` itself.
@@ -171,25 +201,33 @@ def ssh_uri(host: HostInfo, *, transport: str = "libssh2", path: str = "system")
 
 
 class Libvirtd:
-    """The system libvirtd with the test bed's storage pool and networks (see module doc)."""
-
-    uri = URI
+    """The libvirt daemons of one test bed host, with its pool and networks (module doc)."""
 
     def __init__(
         self,
-        workdir: Path,
+        host: HostInfo,
         *,
         prefix: str = "v2k-",
         ip_prefix: str = "10.251",
         qemu_as_root: bool = True,
         start_timeout: float = 90.0,
+        capabilities_cache: Path | None = None,
     ) -> None:
-        self.workdir = Path(workdir).resolve()
+        if host.ns_pid is None or host.root is None:
+            raise LibvirtdError(
+                f"host {host.name} has no namespaces of its own (KvmHosts.separate is False): "
+                "its libvirtd would be the machine's; run the test bed as root with unshare"
+            )
+        self.host = host
+        self.workdir = host.workdir.parent / "libvirt"
         self.prefix = prefix
         self.qemu_as_root = qemu_as_root
         self.start_timeout = start_timeout
+        self.capabilities_cache = capabilities_cache
         self.pool = f"{prefix}pool"
-        self.pool_path = self.workdir / "pool"
+        self.pool_path = host.workdir.parent / "pool"
+        self.socket = host.through_ns(LIBVIRT_SOCK)
+        self.uri = f"{URI}?socket={quote(str(self.socket), safe='/')}"
         self.networks: list[str] = [f"{prefix}{n}" for n, _, _ in NETWORKS]
         self.bridges: dict[str, str] = {f"{prefix}{n}": f"{prefix}{b}" for n, b, _ in NETWORKS}
         self.subnets: dict[str, str] = {
@@ -199,12 +237,9 @@ class Libvirtd:
             if len(bridge) > 15:
                 raise ValueError(f"prefix {prefix!r} too long: bridge name {bridge!r}")
         self.pids: dict[str, int | None] = {"virtlogd": None, "libvirtd": None}
-        self.owned: dict[str, bool] = {"virtlogd": False, "libvirtd": False}
-        self.qemu_conf_changed = False
         self.startup_seconds: float | None = None
         self._procs: dict[str, subprocess.Popen] = {}
         self._conn: libvirt.virConnect | None = None
-        self._created: dict[str, list[str]] = {"pools": [], "networks": []}
         self._started = False
 
     # ---- public API -------------------------------------------------------------------
@@ -226,15 +261,15 @@ class Libvirtd:
     def info(self) -> dict[str, Any]:
         """JSON-ready description of the daemons and resources."""
         return {
+            "host": self.host.name,
             "uri": self.uri,
+            "ssh_uri": ssh_uri(self.host),
             "pool": self.pool,
             "pool_path": str(self.pool_path),
             "networks": {
                 n: {"bridge": self.bridges[n], "subnet": self.subnets[n]} for n in self.networks
             },
             "pids": dict(self.pids),
-            "owned": dict(self.owned),
-            "qemu_conf_changed": self.qemu_conf_changed,
             "startup_seconds": self.startup_seconds,
         }
 
@@ -244,10 +279,8 @@ class Libvirtd:
         self._started = True
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            if self.qemu_as_root:
-                self.qemu_conf_changed = ensure_qemu_conf()
+            self._prepare_host_dirs()
             self._start_daemons()
-            self.remove_domains()
             self._make_pool()
             for name in self.networks:
                 self._make_network(name)
@@ -257,26 +290,18 @@ class Libvirtd:
         return self
 
     def stop(self) -> None:
-        """Remove the test bed's domains, pool and networks; stop the daemons it started."""
+        """Destroy the host's domains and networks, stop its daemons."""
         errors: list[str] = []
-        if self._started and _libvirtd_answers(self.uri):
+        if self._started and self.pids["libvirtd"] and self._answers():
             try:
-                self.remove_domains()
+                self.remove_domains(prefix="")
             except libvirt.libvirtError as e:
                 errors.append(f"domains: {e}")
-            for name in self._created["networks"]:
+            for name in self.conn.listNetworks():
                 try:
                     self._remove_network(name)
                 except libvirt.libvirtError as e:
                     errors.append(f"network {name}: {e}")
-            for name in self._created["pools"]:
-                try:
-                    self._remove_pool(name)
-                except libvirt.libvirtError as e:
-                    errors.append(f"pool {name}: {e}")
-            if self.owned["libvirtd"]:
-                self._warn_leftovers()
-        self._created = {"pools": [], "networks": []}
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -290,18 +315,21 @@ class Libvirtd:
                 self.pids[name] = None
         self._started = False
         if errors:
-            raise LibvirtdError("cleanup failed: " + "; ".join(errors))
+            raise LibvirtdError(f"cleanup of {self.host.name} failed: " + "; ".join(errors))
 
-    def remove_domains(self) -> list[str]:
-        """Destroy and undefine every domain whose name starts with the prefix."""
+    def remove_domains(self, prefix: str | None = None) -> list[str]:
+        """Destroy and undefine every domain whose name starts with `prefix` (default:
+        the test bed's prefix; "" for all)."""
+        prefix = self.prefix if prefix is None else prefix
         removed = []
         for dom in self.conn.listAllDomains(0):
             name = dom.name()
-            if not name.startswith(self.prefix):
+            if not name.startswith(prefix):
                 continue
+            persistent = dom.isPersistent()  # a transient domain is gone once destroyed
             if dom.isActive():
                 dom.destroy()
-            if dom.isPersistent():
+            if persistent:
                 try:
                     dom.undefineFlags(UNDEFINE_FLAGS)
                 except libvirt.libvirtError:
@@ -309,49 +337,61 @@ class Libvirtd:
             removed.append(name)
         return removed
 
-    def _warn_leftovers(self) -> None:
-        """Running domains and networks outlive libvirtd (QEMU, dnsmasq): say which."""
-        try:
-            doms = [
-                d.name() for d in self.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            ]
-            nets = self.conn.listNetworks()
-        except libvirt.libvirtError:
-            return
-        if doms or nets:
-            log.warning(
-                "stopping libvirtd with domains %s and networks %s still running", doms, nets
-            )
-
     # ---- daemons ----------------------------------------------------------------------
+
+    def _prepare_host_dirs(self) -> None:
+        """The host's own /etc/libvirt, empty state, and the cached QEMU capabilities."""
+        for private in ("/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/etc/libvirt"):
+            # Emptied, not removed: the host's bind mount holds on to the directory itself.
+            for child in self.host.private_path(private).iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        etc = self.host.private_path("/etc/libvirt")
+        for conf in SYSTEM_ETC.glob("*.conf"):
+            if conf.is_file() and conf.name != "libvirtd.conf":
+                shutil.copy2(conf, etc / conf.name)
+        (etc / "libvirtd.conf").write_text(
+            f"# v2k test bed: libvirtd of host {self.host.name} (testbed/libvirtd.py).\n"
+            "# Defaults: UNIX sockets only, no TCP/TLS listener.\n"
+            'log_outputs = "3:stderr"\n'
+        )
+        if self.qemu_as_root:
+            ensure_qemu_conf(etc / "qemu.conf")
+        self.pool_path.mkdir(parents=True, exist_ok=True)
+        if self.capabilities_cache is not None:
+            _copy_xml(self.capabilities_cache, self._host_capabilities())
+
+    def _answers(self) -> bool:
+        return _unix_answers(self.socket) and _libvirtd_answers(self.uri)
+
+    def _host_capabilities(self) -> Path:
+        return self.host.private_path(CAPABILITIES)
 
     def _start_daemons(self) -> None:
         t0 = time.monotonic()
-        if not _unix_answers(VIRTLOGD_SOCK):
-            self._spawn("virtlogd", [VIRTLOGD])
-            self._wait(lambda: _unix_answers(VIRTLOGD_SOCK), "virtlogd", 15)
-        if _libvirtd_answers(self.uri):
-            log.info("libvirtd already runs: using it, not stopping it")
-        else:
-            conf = self.workdir / "libvirtd.conf"
-            conf.write_text(
-                "# v2k test bed: libvirtd's own configuration; /etc/libvirt/libvirtd.conf\n"
-                "# is not read. Defaults: UNIX sockets only, no TCP/TLS listener.\n"
-                'log_outputs = "3:stderr"\n'
-            )
-            self._spawn("libvirtd", [LIBVIRTD, "-f", str(conf)])
-            self._wait(lambda: _libvirtd_answers(self.uri), "libvirtd", self.start_timeout)
+        logd_sock = self.host.through_ns(VIRTLOGD_SOCK)
+        self._spawn("virtlogd", [VIRTLOGD, "-p", "/run/libvirt/virtlogd.pid"])
+        self._wait(lambda: _unix_answers(logd_sock), "virtlogd", 15)
+        self._spawn("libvirtd", [LIBVIRTD, "-p", "/run/libvirt/libvirtd.pid"])
+        self._wait(self._answers, "libvirtd", self.start_timeout)
         self.startup_seconds = round(time.monotonic() - t0, 2)
+        if self.capabilities_cache is not None:
+            _copy_xml(self._host_capabilities(), self.capabilities_cache)
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         logf = self.workdir / f"{name}.log"
         with open(logf, "ab") as f:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True
+                self.host.nsenter(cmd),
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=f,
+                start_new_session=True,
             )
         self._procs[name] = proc
-        self.pids[name] = proc.pid
-        self.owned[name] = True
+        self.pids[name] = proc.pid  # nsenter execs: this is the daemon
 
     def _wait(self, ready, name: str, timeout: float) -> None:
         proc = self._procs[name]
@@ -360,26 +400,19 @@ class Libvirtd:
             if ready():
                 return
             if proc.poll() is not None:
-                # Another test bed may have started the daemon at the same moment.
-                if ready():
-                    del self._procs[name]
-                    self.pids[name] = None
-                    self.owned[name] = False
-                    return
                 raise LibvirtdError(
-                    f"{name} exited with {proc.returncode}:\n{_tail(self.workdir / f'{name}.log')}"
+                    f"{name} of {self.host.name} exited with {proc.returncode}:\n"
+                    f"{_tail(self.workdir / f'{name}.log')}"
                 )
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise LibvirtdError(
-            f"{name} did not answer within {timeout} s:\n{_tail(self.workdir / f'{name}.log')}"
+            f"{name} of {self.host.name} did not answer within {timeout} s:\n"
+            f"{_tail(self.workdir / f'{name}.log')}"
         )
 
     # ---- resources --------------------------------------------------------------------
 
     def _make_pool(self) -> None:
-        if self.pool in self.conn.listStoragePools() + self.conn.listDefinedStoragePools():
-            log.info("removing pool %s left over from an earlier run", self.pool)
-            self._remove_pool(self.pool)
         # The directory is this test bed's own: files an earlier run left there (a domain
         # removed without its volumes) would come back as volumes of the new pool.
         if self.pool_path.exists() and any(self.pool_path.iterdir()):
@@ -391,20 +424,10 @@ class Libvirtd:
             f"<target><path>{self.pool_path}</path></target></pool>"
         )
         pool = self.conn.storagePoolDefineXML(xml, 0)
-        self._created["pools"].append(self.pool)
         pool.build(0)
         pool.create(0)
 
-    def _remove_pool(self, name: str) -> None:
-        pool = self.conn.storagePoolLookupByName(name)
-        if pool.isActive():
-            pool.destroy()
-        pool.undefine()
-
     def _make_network(self, name: str) -> None:
-        if name in self.conn.listNetworks() + self.conn.listDefinedNetworks():
-            log.info("removing network %s left over from an earlier run", name)
-            self._remove_network(name)
         net = self.subnets[name].rsplit(".", 1)[0]
         xml = f"""<network>
   <name>{name}</name>
@@ -415,7 +438,6 @@ class Libvirtd:
   </ip>
 </network>"""
         network = self.conn.networkDefineXML(xml)
-        self._created["networks"].append(name)
         network.create()
 
     def _remove_network(self, name: str) -> None:

@@ -35,6 +35,11 @@ def request_for(blocks: dict[str, str], vm: str, **overrides) -> MigrationReques
     return MigrationRequest(**values)
 
 
+def host_of(block_name: str) -> str:
+    """The test bed host (`kvm1`) a KvmHost block saved by `TestBed.save_blocks` is for."""
+    return block_name.rsplit("-", 1)[-1]
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What a run could leave behind, at one moment (see `snapshot`)."""
@@ -43,44 +48,47 @@ class Snapshot:
     clones: frozenset[str]  # VMs named v2k-clone-*
     export_leases: int  # export leases the simulator still holds ready
     files: frozenset[str]  # every path below `dirs`
-    domains: frozenset[str]  # domains on the bed's pool or networks
-    volumes: frozenset[str]  # volumes of the bed's pool
+    domains: frozenset[str]  # `host:domain` of every domain on every host
+    volumes: frozenset[str]  # `host:volume` of the pool of every host
     dirs: tuple[str, ...]  # the temporary storage directories looked at
 
 
-def _bed_domains(bed) -> frozenset[str]:
-    # libvirtd is shared with other test beds: only domains that use this bed's pool or
-    # networks can come from a run of this one.
-    marks = [str(bed.libvirtd.pool_path), *(f"'{n}'" for n in bed.libvirtd.networks)]
+def _domains(conn) -> set[str]:
     found = set()
-    for dom in bed.libvirtd.conn.listAllDomains():
+    for dom in conn.listAllDomains():
         with contextlib.suppress(libvirt.libvirtError):  # undefined meanwhile
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            if any(mark in xml for mark in marks):
-                found.add(dom.name())
-    return frozenset(found)
+            found.add(dom.name())
+    return found
 
 
 def snapshot(bed, *dirs: Path) -> Snapshot:
-    """The vCenter VM list and leases, temporary storage files and the bed's libvirt objects.
+    """The vCenter VM list and leases, temporary storage files and every host's libvirt
+    domains and pool volumes (each host has a libvirtd of its own).
 
     Args:
         bed: The session's TestBed.
         dirs: The temporary storage the run uses; default the bed's scratch directory.
+            Every host's local storage (`bed.local_backing`) is always looked at too.
     """
-    dirs = dirs or (bed.scratch,)
+    looked_at = [*(dirs or (bed.scratch,)), *(bed.local_backing(h) for h in bed.libvirt)]
+    dirs = tuple(dict.fromkeys(str(d) for d in looked_at))
     with bed.vcsim.connect() as si:
         vms = list_vms(si, vc.datacenter(si, bed.vcsim.datacenter))
-    pool = bed.libvirtd.conn.storagePoolLookupByName(bed.libvirtd.pool)
-    pool.refresh()
+    domains, volumes = set(), set()
+    for host in bed.libvirt:
+        conn = bed.libvirt_conn(host)
+        domains |= {f"{host}:{name}" for name in _domains(conn)}
+        pool = conn.storagePoolLookupByName(bed.pool)
+        pool.refresh()
+        volumes |= {f"{host}:{name}" for name in pool.listVolumes()}
     return Snapshot(
         vms=frozenset(v.model_dump_json() for v in vms),
         clones=frozenset(v.name for v in vms if v.name.startswith("v2k-clone-")),
         export_leases=bed.vcsim.stats()["export_leases"],
         files=frozenset(str(p) for d in dirs for p in Path(d).rglob("*")),
-        domains=_bed_domains(bed),
-        volumes=frozenset(pool.listVolumes()),
-        dirs=tuple(str(d) for d in dirs),
+        domains=frozenset(domains),
+        volumes=frozenset(volumes),
+        dirs=dirs,
     )
 
 

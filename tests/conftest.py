@@ -22,7 +22,8 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def bed(tmp_path_factory):
     """The whole test bed for the session: vcsim with the default inventory (the real
-    Debian guest on `debian-stopped`), two KVM hosts and libvirtd.
+    Debian guest on `debian-stopped`), two KVM hosts, each with its own libvirtd
+    (`bed.libvirt_conn("kvm1")`, docs/testbed.md).
 
     It lives in slot 1 (V2K_TEST_BED_SLOT), so the test bed tests that start their own
     parts in slot 0 can run while it is up.

@@ -400,8 +400,8 @@ def _task_runs(state) -> list:
 def test_libvirtd_down_at_import_fails_cleanly_after_its_retries(bed, bed_blocks, clean_sim):
     """The import stage as migrate-vm runs it (its task, its retry policy), given a
     converted qcow2 made here: a real conversion would add 2-3 min of virt-v2v."""
-    # The shared libvirtd must keep running: the import host's block points at a socket
-    # nobody listens on, which is what the worker sees when libvirtd is down there.
+    # kvm2's libvirtd keeps running for the other tests: the import host's block points at
+    # a socket nobody listens on, which is what the worker sees when libvirtd is down there.
     # (The hosts have no nc, so an ssh URI with socket= would fail on nc instead; and
     # virt-ssh-helper ignores socket=.)
     down = f"libvirt-down-{uuid.uuid4().hex[:6]}"
@@ -452,7 +452,7 @@ def test_a_retried_import_removes_the_volume_its_failed_try_left(
     before = snapshot(bed)
     spec, converted = _converted(bed, bed_blocks)
     target = f"v2k-retried-{uuid.uuid4().hex[:6]}"
-    conn = bed.libvirtd.conn
+    conn = bed.libvirt_conn("kvm1")
     try:
         request = request_for(bed_blocks, "debian-stopped", import_host=bed_blocks["kvm1"])
         state = _import_only(settings, request, spec, converted, bed_blocks["kvm1"], target)
@@ -460,7 +460,7 @@ def test_a_retried_import_removes_the_volume_its_failed_try_left(
         assert tries == [kvm.volume_name(target, 0)] * 2
         (run,) = _task_runs(state)
         assert run.run_count == 2
-        assert f"removed {bed.libvirtd.pool}/{kvm.volume_name(target, 0)}, left by an earlier" in (
+        assert f"removed {bed.pool}/{kvm.volume_name(target, 0)}, left by an earlier" in (
             caplog.text
         )
         assert kvm.domain_exists(conn, target)

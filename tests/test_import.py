@@ -20,8 +20,8 @@ def second_pool(bed, tmp_path):
     """Another dir pool, for the datastore LocalDS_1."""
     path = tmp_path / "pool2"
     path.mkdir()
-    name = f"{bed.libvirtd.prefix}pool-ds1"
-    pool = bed.libvirtd.conn.storagePoolDefineXML(
+    name = f"{bed.prefix}pool-ds1"
+    pool = bed.libvirt_conn("kvm1").storagePoolDefineXML(
         f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
     )
     pool.create()
@@ -76,8 +76,8 @@ def test_disks_land_in_their_mapped_pools_and_nics_on_their_networks(
                 n.mac for n in spec.nics
             ]
             assert [s.get("network") for s in root.iterfind("devices/interface/source")] == [
-                bed.libvirtd.networks[0],
-                bed.libvirtd.networks[1],
+                bed.networks[0],
+                bed.networks[1],
             ]
             assert root.find("os").get("firmware") == "efi"
             assert kvm.run_domains(conn, "test-run") == ["v2k-import-test"]
@@ -94,7 +94,7 @@ def test_a_failed_import_removes_the_volumes_it_made(bed, bed_blocks, tmp_path):
     with bed.vcsim.connect() as si:
         dc = vc.datacenter(si, bed.vcsim.datacenter)
         spec = vc.read_spec(si, vc.find_vm(si, dc, "multi-disk-efi"))
-    pool = bed.libvirtd.pool
+    pool = bed.pool
     sources = [
         (_qcow2(tmp_path / f"d{i}.qcow2", d.capacity_bytes), d.capacity_bytes)
         for i, d in enumerate(spec.disks)
@@ -125,8 +125,8 @@ def test_a_failed_import_removes_the_volumes_it_made(bed, bed_blocks, tmp_path):
 
 
 def test_leftover_volumes_are_removed_but_not_one_a_domain_uses(bed, bed_blocks):
-    conn = bed.libvirtd.conn
-    pool = conn.storagePoolLookupByName(bed.libvirtd.pool)
+    conn = bed.libvirt_conn("kvm1")
+    pool = conn.storagePoolLookupByName(bed.pool)
     made = [
         pool.createXML(
             f"<volume><name>{kvm.volume_name('v2k-leftover', i)}</name>"
@@ -139,15 +139,15 @@ def test_leftover_volumes_are_removed_but_not_one_a_domain_uses(bed, bed_blocks)
     holder = conn.defineXML(
         "<domain type='qemu'><name>v2k-leftover-holder</name><memory unit='MiB'>32</memory>"
         "<os><type arch='x86_64'>hvm</type></os><devices><disk type='volume' device='disk'>"
-        f"<source pool='{bed.libvirtd.pool}' volume='{kvm.volume_name('v2k-leftover', 1)}'/>"
+        f"<source pool='{bed.pool}' volume='{kvm.volume_name('v2k-leftover', 1)}'/>"
         "<target dev='vda' bus='virtio'/></disk></devices></domain>"
     )
     try:
-        pools = [bed.libvirtd.pool] * 3  # a third disk that was never made
+        pools = [bed.pool] * 3  # a third disk that was never made
         removed = kvm.remove_leftover_volumes(conn, "v2k-leftover", pools)
-        assert removed == [f"{bed.libvirtd.pool}/v2k-leftover-disk0.qcow2"]
+        assert removed == [f"{bed.pool}/v2k-leftover-disk0.qcow2"]
         assert kvm.target_volumes(conn, "v2k-leftover", pools) == [
-            (bed.libvirtd.pool, "v2k-leftover-disk1.qcow2")
+            (bed.pool, "v2k-leftover-disk1.qcow2")
         ]
     finally:
         holder.undefine()

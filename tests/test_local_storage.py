@@ -1,13 +1,17 @@
 """Temporary storage local to the convert host (TemporaryStorage.shared=False), against the
 test bed: the refusals (with their reason, before anything is made), ovftool exporting
 into the host's own directory followed by virt-v2v there, the run directory removed over
-SSH, and the converted disks copied into libvirt volumes on the host."""
+SSH, and the converted disks copied into libvirt volumes on the host.
+
+The directory is below the test bed's host-local path (`bed.local_dir`): the same path on
+every host, a different directory behind it on each, invisible to the worker."""
 
 from __future__ import annotations
 
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -29,12 +33,19 @@ HOSTILE = 'local it\'s "q"; $(touch pwned) `id` .. é'
 
 
 @pytest.fixture()
-def local_dir(tmp_path) -> Path:
-    """The convert host's local temporary directory (the test bed's hosts share this file
-    system, but v2k reaches it only over SSH because the block says it is not shared)."""
-    path = tmp_path / HOSTILE
-    path.mkdir()
-    return path
+def local_dir(bed) -> Path:
+    """The hosts' local temporary directory, as the hosts see it (made on every host; the
+    worker does not see it: v2k reaches it only over SSH)."""
+    for host in bed.libvirt:
+        (bed.local_backing(host) / HOSTILE).mkdir()
+    yield bed.local_dir / HOSTILE
+    for host in bed.libvirt:
+        shutil.rmtree(bed.local_backing(host) / HOSTILE)
+
+
+def _on(bed, host: str, path: Path) -> Path:
+    """Where `path` below the hosts' local directory is for `host`, from the worker."""
+    return bed.local_backing(host) / path.relative_to(bed.local_dir)
 
 
 @pytest.fixture()
@@ -51,11 +62,12 @@ def _ovftool_calls(bed_blocks) -> list[dict]:
 
 @pytest.fixture()
 def unchanged(bed, bed_blocks, local_dir):
-    before = snapshot(bed, bed.scratch, local_dir)
+    before = snapshot(bed)  # every host's local directory included
     calls = len(_ovftool_calls(bed_blocks))
     yield lambda: len(_ovftool_calls(bed_blocks)) - calls
     assert_nothing_left(bed, before)
-    assert not (local_dir.parent / "pwned").exists()
+    for host in bed.libvirt:
+        assert not (bed.local_backing(host) / "pwned").exists()
 
 
 @pytest.mark.parametrize(
@@ -133,7 +145,7 @@ def test_plan_with_local_storage(bed_blocks, local_storage, local_dir):
 
 
 def test_export_and_convert_on_the_host_then_cleanup_over_ssh(
-    bed_blocks, local_storage, local_dir, unchanged, caplog
+    bed, bed_blocks, local_storage, local_dir, unchanged, caplog
 ):
     # No host named: kvm2 converts because it has ovftool, exports into its local
     # directory, and virt-v2v there refuses the synthetic disk after the export.
@@ -153,8 +165,9 @@ def test_export_and_convert_on_the_host_then_cleanup_over_ssh(
     assert f"convert: {kvm2} (random among {kvm2}) (temporary storage is local" in caplog.text
     run_dir = call["target"].removesuffix("/export")
     # Removed over SSH by cleanup_run, which asks every host (the crash hook does not know
-    # which one converted); the test bed's hosts share one file system, so the first wins.
-    assert f"removed {run_dir} on bed-kvm" in caplog.text
+    # which one converted); only kvm2 has it.
+    assert f"removed {run_dir} on {kvm2}" in caplog.text
+    assert f"removed {run_dir} on {bed_blocks['kvm1']}" not in caplog.text
     # `unchanged` then checks that the run directory is gone from the host's directory.
 
 
@@ -170,15 +183,18 @@ def test_volume_placed_from_the_hosts_local_file(bed, bed_blocks, local_dir):
     capacity = spec.disks[0].capacity_bytes
     source = f"{local_dir}/v2k-run/out/web server 01's disk;$(id)-sda"
     host = KvmHost.load(bed_blocks["kvm1"])
-    pool_name = bed.libvirtd.pool
+    pool_name = bed.pool
     conn = kvm.open_connection(host.get_libvirt_uri())
-    target = f"{bed.libvirtd.prefix}local-place"
+    target = f"{bed.prefix}local-place"
     try:
         with host.get_connection() as ssh:
             # Made on the host, as virt-v2v leaves it there: a qcow2 with a known pattern.
             _host_run(ssh, ["mkdir", "-p", "--", str(Path(source).parent)])
             _host_run(ssh, ["qemu-img", "create", "-q", "-f", "qcow2", source, str(capacity)])
             _host_run(ssh, ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 2M", source])
+            # Local to kvm1: not on kvm2, not at that path on the worker.
+            assert _on(bed, "kvm1", Path(source)).is_file()
+            assert not _on(bed, "kvm2", Path(source)).exists() and not Path(source).exists()
 
             # A missing file on the host creates nothing.
             with pytest.raises(kvm.KvmImportError, match="not readable on the import host"):
@@ -249,9 +265,9 @@ def test_volume_placed_from_the_hosts_local_file(bed, bed_blocks, local_dir):
     reason="a second real virt-v2v run (3-4 min): set V2K_LOCAL_STORAGE_E2E=1",
 )
 def test_real_guest_through_local_storage_boots(bed, bed_blocks, local_storage, local_dir):
-    target = f"{bed.libvirtd.prefix}debian-local"
+    target = f"{bed.prefix}debian-local"
     volume = f"{target}-disk0.qcow2"
-    conn = bed.libvirtd.conn
+    conn = bed.libvirt_conn("kvm2")  # the only host with ovftool converts and imports
     request = request_for(
         bed_blocks,
         "debian-stopped",
@@ -267,16 +283,16 @@ def test_real_guest_through_local_storage_boots(bed, bed_blocks, local_storage, 
         assert result.booted is True and "debian" in (result.osinfo or "")
         # The manifest was read on the host: one disk with its sha256.
         assert len(result.checksums) == 1 and all(len(v) == 64 for v in result.checksums.values())
-        vol = conn.storagePoolLookupByName(bed.libvirtd.pool).storageVolLookupByName(volume)
+        vol = conn.storagePoolLookupByName(bed.pool).storageVolLookupByName(volume)
         assert vol.info()[1] == 1 << 30
         check = subprocess.run(
             ["qemu-img", "check", "-f", "qcow2", vol.path()], capture_output=True, text=True
         )
         assert check.returncode == 0, check.stdout + check.stderr
-        assert list(local_dir.iterdir()) == []  # the run directory is gone from the host
+        assert list(_on(bed, "kvm2", local_dir).iterdir()) == []  # run directory gone
     finally:
         kvm.remove_domain(conn, target)
-        kvm.remove_volumes(conn, [(bed.libvirtd.pool, volume)])
+        kvm.remove_volumes(conn, [(bed.pool, volume)])
 
 
 @pytest.mark.parametrize(

@@ -26,11 +26,18 @@ from prefect.concurrency.sync import concurrency
 from blocks import KvmCluster, KvmHost, MigrationSettings, TemporaryStorage
 from flows.limits import ensure_limits, limit_name
 from flows.migrate import _staged, migrate_vm, preflight_task
+from tasks import kvm
 from tasks import vcenter as vc
 from tasks.hosts import HostSelectionError
 from tasks.preflight import PreflightError
 from tasks.vcenter import SourceError
-from testbed.testing import STOP_AFTER_EXPORT, assert_nothing_left, request_for, snapshot
+from testbed.testing import (
+    STOP_AFTER_EXPORT,
+    assert_nothing_left,
+    host_of,
+    request_for,
+    snapshot,
+)
 
 DUMMY_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>
 <os><type arch='x86_64'>hvm</type></os><devices>
@@ -49,18 +56,20 @@ def unchanged(bed):
 
 @pytest.fixture()
 def dummy_domain(bed):
-    """A domain on the destination holding a name and a MAC, removed afterwards."""
+    """A domain on one host of the destination cluster (kvm2: every host counts) holding
+    a name and a MAC, removed afterwards."""
     made = []
+    conn = bed.libvirt_conn("kvm2")
 
     def define(name: str, mac: str = "52:54:00:aa:bb:cc") -> str:
-        xml = DUMMY_XML.format(name=name, mac=mac, network=bed.libvirtd.networks[0])
-        bed.libvirtd.conn.defineXML(xml)
+        xml = DUMMY_XML.format(name=name, mac=mac, network=bed.networks[0])
+        conn.defineXML(xml)
         made.append(name)
         return name
 
     yield define
     for name in made:
-        bed.libvirtd.conn.lookupByName(name).undefine()
+        conn.lookupByName(name).undefine()
 
 
 def _save(block, prefix: str) -> str:
@@ -141,7 +150,7 @@ def test_target_name_taken_refused(bed_blocks, unchanged, dummy_domain):
 
 
 def test_target_volume_taken_refused(bed, bed_blocks, unchanged):
-    pool = bed.libvirtd.conn.storagePoolLookupByName(bed.libvirtd.pool)
+    pool = bed.libvirt_conn("kvm1").storagePoolLookupByName(bed.pool)
     vol = pool.createXML(
         "<volume><name>taken-vol-disk0.qcow2</name><capacity>1048576</capacity></volume>", 0
     )
@@ -299,7 +308,7 @@ def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged, monkeypatch):
     # One SSH login per host for the stages (tasks.ssh): probe, convert and import share it.
     hosts = [h.address for h in bed.hosts.hosts]
     assert sorted(logins) == sorted(hosts), logins
-    conn = bed.libvirtd.conn
+    conn = bed.libvirt_conn(host_of(result.import_host))
     try:
         dom = conn.lookupByName(result.domain_name)
         root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
@@ -311,13 +320,15 @@ def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged, monkeypatch):
         assert [m.get("address") for m in root.iterfind("devices/interface/mac")] == [
             "00:50:56:01:00:01"
         ]
+        others = [h for h in bed.libvirt if h != host_of(result.import_host)]
+        assert not [h for h in others if kvm.domain_exists(bed.libvirt_conn(h), "debian-stopped")]
         networks = [s.get("network") for s in root.iterfind("devices/interface/source")]
-        assert networks == [bed.libvirtd.networks[0]]
+        assert networks == [bed.networks[0]]
         disks = list(root.iterfind("devices/disk[@device='disk']"))
         assert len(disks) == 1 and disks[0].find("target").get("dev") == "vda"
         assert "debian" in (result.osinfo or "")
         assert result.booted is True
-        volume = conn.storagePoolLookupByName(bed.libvirtd.pool).storageVolLookupByName(
+        volume = conn.storagePoolLookupByName(bed.pool).storageVolLookupByName(
             "debian-stopped-disk0.qcow2"
         )
         check = subprocess.run(
@@ -338,7 +349,5 @@ def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged, monkeypatch):
             artifact = client.read_latest_artifacts(key=f"migration-{result.source_moref}")
         assert artifact and "debian-stopped" in str(artifact)
     finally:
-        from tasks import kvm
-
         kvm.remove_domain(conn, result.domain_name)
-        kvm.remove_volumes(conn, [(bed.libvirtd.pool, "debian-stopped-disk0.qcow2")])
+        kvm.remove_volumes(conn, [(bed.pool, "debian-stopped-disk0.qcow2")])

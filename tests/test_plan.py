@@ -20,8 +20,8 @@ def test_plan_of_a_ready_vm(bed, bed_blocks):
     assert result.critical == []
     assert result.target_name == "multi-disk-efi"
     assert [n.target for n in result.nics] == [
-        f"network:{bed.libvirtd.networks[0]}",
-        f"network:{bed.libvirtd.networks[1]}",
+        f"network:{bed.networks[0]}",
+        f"network:{bed.networks[1]}",
     ]
     assert result.hosts is not None and result.hosts.convert in bed_blocks.values()
     assert all(s.free is not None and s.free >= s.needed for s in result.space)

@@ -1,4 +1,5 @@
-"""The test bed's KVM hosts: sshd per network namespace, reached with fabric, host keys checked."""
+"""The test bed's KVM hosts: sshd per network namespace, reached with fabric, host keys
+checked; each host with its own libvirt directories and host-local storage."""
 
 from __future__ import annotations
 
@@ -107,6 +108,51 @@ def test_each_host_in_its_own_namespace(hosts):
             assert other not in addrs
 
 
+def _run(host: HostInfo, command: str) -> str:
+    with connect(host) as conn:
+        return conn.run(command, hide=True, in_stream=False, timeout=30).stdout
+
+
+def test_host_local_storage_is_seen_by_its_host_only(hosts):
+    kvm1, kvm2 = hosts.host("kvm1"), hosts.host("kvm2")
+    local = hosts.local_dir
+    assert kvm1.local_dir == kvm2.local_dir == local
+    _run(kvm1, f"echo from-kvm1 > {local}/only-here")
+    assert _run(kvm1, f"cat {local}/only-here") == "from-kvm1\n"
+    assert _run(kvm2, f"ls -A {local}") == ""
+    assert list(local.iterdir()) == []  # the worker (root namespace) sees nothing there
+    assert (kvm1.local_backing / "only-here").read_text() == "from-kvm1\n"
+    assert kvm1.private_path(local / "only-here") == kvm1.local_backing / "only-here"
+    assert not (kvm2.local_backing / "only-here").exists()
+    (kvm1.local_backing / "only-here").unlink()
+
+
+def test_each_host_has_its_own_libvirt_directories(hosts):
+    kvm1, kvm2 = hosts.host("kvm1"), hosts.host("kvm2")
+    mark = kvm1.private_path("/var/lib/libvirt/v2k-mark")
+    assert mark == kvm1.root / "var/lib/libvirt/v2k-mark"
+    mark.write_text("kvm1\n")
+    try:
+        assert _run(kvm1, "cat /var/lib/libvirt/v2k-mark") == "kvm1\n"
+        assert _run(kvm2, "ls -A /var/lib/libvirt /run/libvirt /etc/libvirt").split() == [
+            "/etc/libvirt:",
+            "/run/libvirt:",
+            "/var/lib/libvirt:",
+        ]
+        assert not Path("/var/lib/libvirt/v2k-mark").exists()
+    finally:
+        mark.unlink()
+
+
+def test_a_host_does_not_see_the_other_hosts_directories(hosts):
+    kvm1, kvm2 = hosts.host("kvm1"), hosts.host("kvm2")
+    theirs = kvm1.workdir.parent  # kvm1's keys, pool, libvirt state...
+    assert _run(kvm1, f"ls {theirs}").split()  # kvm1 sees its own
+    assert _run(kvm2, f"ls -A {theirs}") == ""
+    assert _run(kvm2, f"ls {kvm2.workdir.parent}").split()
+    assert _run(kvm2, "hostname").strip() == "kvm2"
+
+
 def test_wrong_host_key_is_refused(hosts, tmp_path):
     kvm1, kvm2 = hosts.hosts
     # kvm1 listed with kvm2's key
@@ -170,7 +216,8 @@ def _sshd_pids_for(workdir: Path) -> list[int]:
 
 def test_stop_leaves_nothing(tmp_path):
     kvm = KvmHosts(tmp_path, count=2).start()
-    pids = [h.pid for h in kvm.hosts]
+    pids = [h.pid for h in kvm.hosts] + [h.ns_pid for h in kvm.hosts]
+    assert all(pids)
     netns = [h.netns for h in kvm.hosts if h.netns]
     with connect(kvm.hosts[0]) as conn:  # leaves a per-connection sshd behind for a moment
         conn.run("true", hide=True, in_stream=False, timeout=30)
@@ -184,3 +231,6 @@ def test_stop_leaves_nothing(tmp_path):
     for ns in netns:
         assert ns not in listed
         assert not Path("/sys/class/net", ns).exists()
+    # The hosts' bind mounts lived in their mount namespaces only, and went with them.
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(tmp_path) not in mounts

@@ -157,7 +157,6 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
 
     page, blocks = browser_page, served.blocks
     shot = Shots(page, tmp_path)
-    conn = bed.libvirtd.conn
     try:
         # The deployment, from the list of deployments.
         page.goto(f"{served.url}/deployments")
@@ -238,4 +237,5 @@ def test_run_form_migrates_and_shows_artifacts(served, bed, browser_page, tmp_pa
             assert names[VM].runtime.powerState == "poweredOn"
             assert not [n for n in names if n.startswith("v2k-clone-")], sorted(names)
     finally:
-        _remove_domain(conn, TARGET)
+        for host in bed.libvirt:  # the import host is chosen at random
+            _remove_domain(bed.libvirt_conn(host), TARGET)
