@@ -111,7 +111,7 @@ def remove_domains(bed, names: list[str]) -> None:
         try:
             for name in names:
                 if name.startswith(PREFIX) and kvm.domain_exists(conn, name):
-                    kvm.remove_domain_and_volumes(conn, name)
+                    kvm.remove_migrated_domain(conn, name)
         finally:
             conn.close()
 

@@ -77,7 +77,7 @@ def run_demo() -> int:
                 f"guest OS {result.osinfo}, {human_bytes(result.bytes_exported)} exported, "
                 f"boot check: {'passed' if result.booted else 'not passed'}"
             )
-            kvm.remove_domain_and_volumes(conn, result.domain_name)
+            kvm.remove_migrated_domain(conn, result.domain_name)
         finally:
             conn.close()
     console.rule("demo done; the test bed is stopped")

@@ -222,13 +222,14 @@ def _import(bed, bed_blocks, *, host: str, cluster: str | None = None):
     @flow(name="errors-import")
     def import_only():
         staged = import_task.with_options(retries=2, retry_delay_seconds=0)
-        return staged(request, spec, converted, host, target, f"import-{target}")
+        run_id = uuid.uuid4().hex[:12]
+        return staged(request, spec, converted, host, target, f"import-{target}", run_id)
 
     try:
         return import_only(return_state=True)
     finally:
         shutil.rmtree(Path(converted.output_dir).parent)
-        assert not kvm.domain_exists(bed.libvirtd.conn, target)
+        assert not any(kvm.domain_exists(bed.libvirt_conn(h), target) for h in bed.libvirt)
 
 
 # --- refusals: one try --------------------------------------------------------------------
@@ -389,7 +390,7 @@ def test_a_missing_pool_fails_the_import_at_the_first_try(bed, bed_blocks):
 
 def test_an_inactive_pool_fails_the_import_at_the_first_try(bed, bed_blocks, tmp_path):
     name = f"v2k-errors-{uuid.uuid4().hex[:6]}"
-    conn = bed.libvirtd.conn
+    conn = bed.libvirt_conn("kvm1")  # the import host of `_import`
     pool = conn.storagePoolDefineXML(
         f"<pool type='dir'><name>{name}</name><target><path>{tmp_path}</path></target></pool>"
     )

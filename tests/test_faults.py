@@ -45,6 +45,7 @@ from flows.migrate import import_task, migrate_vm
 from tasks import kvm
 from tasks import vcenter as vc
 from tasks.models import ConvertedDisk, ConvertResult, VmSpec
+from tasks.ownership import Ledger
 from tasks.transfer import TAIL_CHECK
 from testbed.testing import STOP_AFTER_EXPORT, assert_nothing_left, request_for, snapshot
 
@@ -374,6 +375,9 @@ def _converted(bed, bed_blocks) -> tuple[VmSpec, ConvertResult]:
     )
 
 
+RUN = "0123456789ab"  # the run id of the import stage run on its own here
+
+
 def _import_only(settings, request, spec, converted, host: str, target: str):
     """The import task in a flow of its own, with the stage's retry policy; its state."""
 
@@ -383,7 +387,7 @@ def _import_only(settings, request, spec, converted, host: str, target: str):
             retries=settings.kvm_import.retries,
             retry_delay_seconds=settings.kvm_import.retry_delay_seconds,
         )
-        return staged(request, spec, converted, host, target, f"import-{target}")
+        return staged(request, spec, converted, host, target, f"import-{target}", RUN)
 
     return import_only(return_state=True)
 
@@ -430,11 +434,12 @@ def test_libvirtd_down_at_import_fails_cleanly_after_its_retries(bed, bed_blocks
 
 
 def test_a_retried_import_removes_the_volume_its_failed_try_left(
-    bed, bed_blocks, clean_sim, monkeypatch, caplog
+    bed, bed_blocks, clean_sim, monkeypatch
 ):
     """A first try whose libvirt call fails after the volume is made (as when the
     connection breaks mid-upload and the delete cannot reach libvirtd either): the retry
-    removes that volume instead of failing on "already exists"."""
+    removes that volume, which its ledger lists with the run's mark, instead of failing on
+    "already exists"; another run's volume for the same target stays."""
     settings = MigrationSettings.load(
         _settings(kvm_import=StagePolicy(retries=1, retry_delay_seconds=0, timeout_seconds=60))
     )
@@ -449,22 +454,28 @@ def test_a_retried_import_removes_the_volume_its_failed_try_left(
         return vol
 
     monkeypatch.setattr(kvm, "upload_volume", upload_then_break)
-    before = snapshot(bed)
     spec, converted = _converted(bed, bed_blocks)
     target = f"v2k-retried-{uuid.uuid4().hex[:6]}"
     conn = bed.libvirt_conn("kvm1")
+    pool = conn.storagePoolLookupByName(bed.pool)
+    others = kvm.volume_name(target, 0, "ba9876543210")  # another run's, same target
+    pool.createXML(f"<volume><name>{others}</name><capacity>1048576</capacity></volume>", 0)
+    before = snapshot(bed)
     try:
         request = request_for(bed_blocks, "debian-stopped", import_host=bed_blocks["kvm1"])
         state = _import_only(settings, request, spec, converted, bed_blocks["kvm1"], target)
         assert state.is_completed(), state.message
-        assert tries == [kvm.volume_name(target, 0)] * 2
+        assert tries == [kvm.volume_name(target, 0, RUN)] * 2
         (run,) = _task_runs(state)
         assert run.run_count == 2
-        assert f"removed {bed.pool}/{kvm.volume_name(target, 0)}, left by an earlier" in (
-            caplog.text
-        )
         assert kvm.domain_exists(conn, target)
+        pool.refresh()
+        mine = sorted(v for v in pool.listVolumes() if v.startswith(f"{target}-"))
+        assert mine == sorted([kvm.volume_name(target, 0, RUN), others])
     finally:
-        kvm.remove_domain_and_volumes(conn, target)
+        kvm.remove_migrated_domain(conn, target)
+        for entry in Ledger(RUN).entries():
+            Ledger(RUN).drop(entry)
         shutil.rmtree(Path(converted.output_dir).parent)
     assert_nothing_left(bed, before)
+    kvm.remove_volume(conn, bed.pool, others)

@@ -65,8 +65,9 @@ def test_disks_land_in_their_mapped_pools_and_nics_on_their_networks(
                 pools=pools,
                 nics=nics,
                 v2v_xml=V2V_XML,
-                source_note={"flow-run": "test-run"},
+                source_note={"flow-run": "test-run", "run-id": "0123456789ab"},
                 wanted_type="qemu",
+                run_id="0123456789ab",
             )
         try:
             root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
@@ -81,8 +82,10 @@ def test_disks_land_in_their_mapped_pools_and_nics_on_their_networks(
             ]
             assert root.find("os").get("firmware") == "efi"
             assert kvm.run_domains(conn, "test-run") == ["v2k-import-test"]
+            # Each volume carries the run's id: its ownership mark.
+            assert all(kvm.carries_mark(v, "0123456789ab") for _, v in volumes)
         finally:
-            kvm.remove_domain_and_volumes(conn, "v2k-import-test")
+            kvm.remove_migrated_domain(conn, "v2k-import-test")
         assert not kvm.domain_exists(conn, "v2k-import-test")
         for pool_name, vol_name in volumes:
             assert not kvm.volume_exists(conn.storagePoolLookupByName(pool_name), vol_name)
@@ -116,6 +119,7 @@ def test_a_failed_import_removes_the_volumes_it_made(bed, bed_blocks, tmp_path):
                 v2v_xml=V2V_XML,
                 source_note={},
                 wanted_type="qemu",
+                run_id="0123456789ab",
             )
         conn.storagePoolLookupByName(pool).refresh()
         assert sorted(conn.storagePoolLookupByName(pool).listVolumes()) == before
@@ -124,32 +128,36 @@ def test_a_failed_import_removes_the_volumes_it_made(bed, bed_blocks, tmp_path):
         conn.close()
 
 
-def test_leftover_volumes_are_removed_but_not_one_a_domain_uses(bed, bed_blocks):
+def test_a_run_removes_only_its_own_domain_and_the_volumes_it_made(bed):
+    """A domain of the run with a disk attached by hand afterwards, and a volume of another
+    run with the same target: removing the run's domain takes only its marked volume."""
+    run_id, other = "0123456789ab", "ba9876543210"
     conn = bed.libvirt_conn("kvm1")
     pool = conn.storagePoolLookupByName(bed.pool)
-    made = [
-        pool.createXML(
-            f"<volume><name>{kvm.volume_name('v2k-leftover', i)}</name>"
-            "<capacity>1048576</capacity><target><format type='qcow2'/></target></volume>",
-            0,
-        )
-        for i in range(2)
-    ]
-    # Another domain holds disk1 (its owner chose that name by hand): it stays.
-    holder = conn.defineXML(
-        "<domain type='qemu'><name>v2k-leftover-holder</name><memory unit='MiB'>32</memory>"
-        "<os><type arch='x86_64'>hvm</type></os><devices><disk type='volume' device='disk'>"
-        f"<source pool='{bed.pool}' volume='{kvm.volume_name('v2k-leftover', 1)}'/>"
-        "<target dev='vda' bus='virtio'/></disk></devices></domain>"
+    names = [kvm.volume_name("v2k-own", 0, run_id), "by-hand.qcow2"]
+    names.append(kvm.volume_name("v2k-own", 0, other))
+    for name in names:
+        pool.createXML(f"<volume><name>{name}</name><capacity>1048576</capacity></volume>", 0)
+    disks = "".join(
+        f"<disk type='volume' device='disk'><source pool='{bed.pool}' volume='{name}'/>"
+        f"<target dev='vd{letter}' bus='virtio'/></disk>"
+        for letter, name in zip("ab", names[:2], strict=True)
+    )
+    conn.defineXML(
+        "<domain type='qemu'><name>v2k-own</name><memory unit='MiB'>32</memory>"
+        f"<metadata><v2k:migration xmlns:v2k='{kvm.V2K_NS}'><v2k:flow-run>flow-1</v2k:flow-run>"
+        f"<v2k:run-id>{run_id}</v2k:run-id></v2k:migration></metadata>"
+        f"<os><type arch='x86_64'>hvm</type></os><devices>{disks}</devices></domain>"
     )
     try:
-        pools = [bed.pool] * 3  # a third disk that was never made
-        removed = kvm.remove_leftover_volumes(conn, "v2k-leftover", pools)
-        assert removed == [f"{bed.pool}/v2k-leftover-disk0.qcow2"]
-        assert kvm.target_volumes(conn, "v2k-leftover", pools) == [
-            (bed.pool, "v2k-leftover-disk1.qcow2")
+        with pytest.raises(ValueError, match="not defined by run"):
+            kvm.remove_run_domain(conn, "v2k-own", "flow-2", other)
+        assert kvm.remove_run_domain(conn, "v2k-own", "flow-1", run_id) == [
+            f"{bed.pool}/{names[0]}"
         ]
+        assert not kvm.domain_exists(conn, "v2k-own")
+        pool.refresh()
+        assert sorted(names[1:]) == sorted(v for v in pool.listVolumes() if v in names)
     finally:
-        holder.undefine()
-        for vol in made[1:]:
-            vol.delete(0)
+        for name in names[1:]:
+            kvm.remove_volume(conn, bed.pool, name)

@@ -29,6 +29,7 @@ from tasks.preflight import PreflightError
 from testbed.testing import assert_nothing_left, request_for, snapshot
 
 # A directory name that would break any command built by pasting strings together.
+RUN = "0123456789ab"  # the run id the volume names of these import tests carry
 HOSTILE = 'local it\'s "q"; $(touch pwned) `id` .. é'
 
 
@@ -210,10 +211,11 @@ def test_volume_placed_from_the_hosts_local_file(bed, bed_blocks, local_dir):
                     source_note={},
                     wanted_type="qemu",
                     on_host=True,
+                    run_id=RUN,
                 )
             pool = conn.storagePoolLookupByName(pool_name)
             pool.refresh()
-            assert f"{target}-disk0.qcow2" not in pool.listVolumes()
+            assert kvm.volume_name(target, 0, RUN) not in pool.listVolumes()
 
             seen: list[tuple[int, int]] = []
             dom, volumes, _ = kvm.import_disks_and_define(
@@ -225,14 +227,15 @@ def test_volume_placed_from_the_hosts_local_file(bed, bed_blocks, local_dir):
                 pools=[pool_name],
                 nics=[],
                 v2v_xml="<domain/>",
-                source_note={"flow-run": "local-place"},
+                source_note={"flow-run": "local-place", "run-id": RUN},
                 on_progress=lambda done, total: seen.append((done, total)),
                 wanted_type="qemu",
                 on_host=True,
+                run_id=RUN,
             )
         try:
-            assert volumes == [(pool_name, f"{target}-disk0.qcow2")]
-            vol = pool.storageVolLookupByName(f"{target}-disk0.qcow2")
+            assert volumes == [(pool_name, kvm.volume_name(target, 0, RUN))]
+            vol = pool.storageVolLookupByName(kvm.volume_name(target, 0, RUN))
             _kind, vol_capacity, allocation = vol.info()
             assert vol_capacity == capacity
             assert allocation < capacity // 4  # copied sparsely
@@ -250,12 +253,12 @@ def test_volume_placed_from_the_hosts_local_file(bed, bed_blocks, local_dir):
             assert kvm.run_domains(conn, "local-place") == [target]
             assert dom.name() == target
         finally:
-            kvm.remove_domain_and_volumes(conn, target)
+            kvm.remove_migrated_domain(conn, target)
         pool.refresh()
-        assert f"{target}-disk0.qcow2" not in pool.listVolumes()
+        assert kvm.volume_name(target, 0, RUN) not in pool.listVolumes()
         assert not kvm.domain_exists(conn, target)
     finally:
-        kvm.remove_domain_and_volumes(conn, target)
+        kvm.remove_migrated_domain(conn, target)
         conn.close()
 
 
@@ -266,7 +269,6 @@ def test_volume_placed_from_the_hosts_local_file(bed, bed_blocks, local_dir):
 )
 def test_real_guest_through_local_storage_boots(bed, bed_blocks, local_storage, local_dir):
     target = f"{bed.prefix}debian-local"
-    volume = f"{target}-disk0.qcow2"
     conn = bed.libvirt_conn("kvm2")  # the only host with ovftool converts and imports
     request = request_for(
         bed_blocks,
@@ -283,7 +285,9 @@ def test_real_guest_through_local_storage_boots(bed, bed_blocks, local_storage, 
         assert result.booted is True and "debian" in (result.osinfo or "")
         # The manifest was read on the host: one disk with its sha256.
         assert len(result.checksums) == 1 and all(len(v) == 64 for v in result.checksums.values())
-        vol = conn.storagePoolLookupByName(bed.pool).storageVolLookupByName(volume)
+        pool = conn.storagePoolLookupByName(bed.pool)
+        (volume,) = [v for v in pool.listVolumes() if v.startswith(f"{target}-disk0-")]
+        vol = pool.storageVolLookupByName(volume)
         assert vol.info()[1] == 1 << 30
         check = subprocess.run(
             ["qemu-img", "check", "-f", "qcow2", vol.path()], capture_output=True, text=True
@@ -291,8 +295,7 @@ def test_real_guest_through_local_storage_boots(bed, bed_blocks, local_storage, 
         assert check.returncode == 0, check.stdout + check.stderr
         assert list(_on(bed, "kvm2", local_dir).iterdir()) == []  # run directory gone
     finally:
-        kvm.remove_domain(conn, target)
-        kvm.remove_volumes(conn, [(bed.pool, volume)])
+        kvm.remove_migrated_domain(conn, target)
 
 
 @pytest.mark.parametrize(

@@ -149,18 +149,6 @@ def test_target_name_taken_refused(bed_blocks, unchanged, dummy_domain):
         migrate_vm(request_for(bed_blocks, "win2019-stopped", target_name=taken))
 
 
-def test_target_volume_taken_refused(bed, bed_blocks, unchanged):
-    pool = bed.libvirt_conn("kvm1").storagePoolLookupByName(bed.pool)
-    vol = pool.createXML(
-        "<volume><name>taken-vol-disk0.qcow2</name><capacity>1048576</capacity></volume>", 0
-    )
-    try:
-        with pytest.raises(PreflightError, match="volume 'taken-vol-disk0.qcow2' is already in"):
-            migrate_vm(request_for(bed_blocks, "win2019-stopped", target_name="taken-vol"))
-    finally:
-        vol.delete(0)
-
-
 def test_mac_in_use_refused(bed_blocks, unchanged, dummy_domain):
     dummy_domain("mac-holder", mac="00:50:56:01:00:04")
     with pytest.raises(PreflightError, match="MAC 00:50:56:01:00:04.*'mac-holder'"):
@@ -328,9 +316,10 @@ def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged, monkeypatch):
         assert len(disks) == 1 and disks[0].find("target").get("dev") == "vda"
         assert "debian" in (result.osinfo or "")
         assert result.booted is True
-        volume = conn.storagePoolLookupByName(bed.pool).storageVolLookupByName(
-            "debian-stopped-disk0.qcow2"
-        )
+        # The volume's name carries the run's id (its ownership mark).
+        name = disks[0].find("source").get("volume")
+        assert name.startswith("debian-stopped-disk0-") and name.endswith(".qcow2")
+        volume = conn.storagePoolLookupByName(bed.pool).storageVolLookupByName(name)
         check = subprocess.run(
             ["qemu-img", "check", "-f", "qcow2", volume.path()], capture_output=True, text=True
         )
@@ -349,5 +338,4 @@ def test_real_guest_migrates_and_boots(bed, bed_blocks, unchanged, monkeypatch):
             artifact = client.read_latest_artifacts(key=f"migration-{result.source_moref}")
         assert artifact and "debian-stopped" in str(artifact)
     finally:
-        kvm.remove_domain(conn, result.domain_name)
-        kvm.remove_volumes(conn, [(bed.pool, "debian-stopped-disk0.qcow2")])
+        kvm.remove_migrated_domain(conn, result.domain_name)
