@@ -179,7 +179,9 @@ def cleanup_imported(
                 try:
                     if entry.kind == "domain":
                         gone = kvm.remove_run_domain(conn, entry.name, flow_run_id, run_id)
-                        logger.info("rolled back: domain %s on %s", entry.name, host_name)
+                        if gone is not None:
+                            logger.info("rolled back: domain %s on %s", entry.name, host_name)
+                        gone = gone or []
                     else:
                         gone = kvm.remove_run_volumes(conn, run_id, [(entry.place, entry.name)])
                     for volume in gone:

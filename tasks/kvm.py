@@ -507,20 +507,20 @@ def run_domains(conn: libvirt.virConnect, flow_run_id: str) -> list[str]:
 
 def remove_run_domain(
     conn: libvirt.virConnect, name: str, flow_run_id: str, run_id: str
-) -> list[str]:
+) -> list[str] | None:
     """Remove a domain that flow run `flow_run_id` defined, with the volumes it made.
 
     The domain must carry the run's mark in its metadata, and only its volumes whose names
     carry the run's id go with it: a disk attached by hand afterwards stays.
 
     Returns:
-        The removed volumes as `pool/volume`; empty when the domain is already gone.
+        The removed volumes as `pool/volume`; None when the domain is already gone.
     """
     try:
         dom = conn.lookupByName(name)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return []
+            return None
         raise
     if _run_of(dom) != flow_run_id:
         raise ValueError(f"refusing to remove domain {name!r}: not defined by run {flow_run_id}")
@@ -542,7 +542,7 @@ def remove_migrated_domain(conn: libvirt.virConnect, name: str) -> list[str]:
     flow_run_id, run_id = root.findtext(note + "flow-run"), root.findtext(note + "run-id")
     if not flow_run_id or not run_id:
         raise ValueError(f"refusing to remove domain {name!r}: v2k did not define it")
-    return remove_run_domain(conn, name, flow_run_id, run_id)
+    return remove_run_domain(conn, name, flow_run_id, run_id) or []
 
 
 def wait_for_login(

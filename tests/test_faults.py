@@ -454,13 +454,13 @@ def test_a_retried_import_removes_the_volume_its_failed_try_left(
         return vol
 
     monkeypatch.setattr(kvm, "upload_volume", upload_then_break)
-    spec, converted = _converted(bed, bed_blocks)
     target = f"v2k-retried-{uuid.uuid4().hex[:6]}"
     conn = bed.libvirt_conn("kvm1")
     pool = conn.storagePoolLookupByName(bed.pool)
     others = kvm.volume_name(target, 0, "ba9876543210")  # another run's, same target
     pool.createXML(f"<volume><name>{others}</name><capacity>1048576</capacity></volume>", 0)
     before = snapshot(bed)
+    spec, converted = _converted(bed, bed_blocks)
     try:
         request = request_for(bed_blocks, "debian-stopped", import_host=bed_blocks["kvm1"])
         state = _import_only(settings, request, spec, converted, bed_blocks["kvm1"], target)

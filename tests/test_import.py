@@ -155,6 +155,7 @@ def test_a_run_removes_only_its_own_domain_and_the_volumes_it_made(bed):
         assert kvm.remove_run_domain(conn, "v2k-own", "flow-1", run_id) == [
             f"{bed.pool}/{names[0]}"
         ]
+        assert kvm.remove_run_domain(conn, "v2k-own", "flow-1", run_id) is None  # gone
         assert not kvm.domain_exists(conn, "v2k-own")
         pool.refresh()
         assert sorted(names[1:]) == sorted(v for v in pool.listVolumes() if v in names)

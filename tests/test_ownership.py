@@ -331,7 +331,9 @@ def test_cleanup_that_cannot_reach_a_host_says_so_and_v2k_cleanup_finishes(bed, 
         assert [o.name for o in ledger.entries()] == [volume]
         assert volume in conn.storagePoolLookupByName(bed.pool).listVolumes()
 
-        KvmHost.load(bed_blocks["kvm2"]).save(down, overwrite=True)  # the host is back
+        back = KvmHost.load(down)  # the host is back
+        back.libvirt_uri = KvmHost.load(bed_blocks["kvm2"]).libvirt_uri
+        back.save(down, overwrite=True)
         assert cleanup_run(request, run_id, flow_run_id, delivered=False) == []
         assert volume not in conn.storagePoolLookupByName(bed.pool).listVolumes()
         assert ledger.entries() == []
