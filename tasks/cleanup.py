@@ -14,11 +14,18 @@ _REMOVE = '[ -e "$1" ] || [ -L "$1" ] || exit 0; rm -rf -- "$1" && echo removed'
 
 
 def remove_tree(path: Path, inside: Path) -> None:
-    """Remove a run's temporary directory, refusing anything outside `inside`."""
+    """Remove a run's temporary directory, refusing anything outside `inside`.
+
+    A directory already gone is fine; one that cannot be removed raises (OSError), so
+    cleanup can say what is left.
+    """
     path, inside = path.resolve(), inside.resolve()
     if path == inside or inside not in path.parents:
         raise ValueError(f"refusing to remove {path}: not inside {inside}")
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
 
 
 def remove_tree_on_host(conn, path: str, inside: str, timeout: float = 600) -> bool:

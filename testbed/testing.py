@@ -164,3 +164,30 @@ def write_disk(sim, vm, offset: int, data: bytes, disk: int = 0) -> None:
             timeout=600,
         )
         sim.upload(path, vmdk, datastore)
+
+
+def stand_in_conversion(bed, bed_blocks: dict[str, str]):
+    """debian-stopped's spec and a 16 MiB qcow2 standing for its conversion, in the bed's
+    temporary storage: the import stage's input without 2-3 min of virt-v2v.
+
+    Returns:
+        (VmSpec, ConvertResult); the caller removes `Path(result.output_dir).parent`.
+    """
+    import uuid
+
+    from tasks.models import ConvertedDisk, ConvertResult
+
+    with bed.vcsim.connect() as si:
+        spec = vc.read_spec(si, vc.find_vm(si, vc.datacenter(si, None), "debian-stopped"))
+    out = Path(bed.scratch) / f"v2k-{uuid.uuid4().hex[:12]}" / "out"
+    out.mkdir(parents=True)
+    qcow2 = out / "debian-stopped-sda"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "16M"], check=True)
+    return spec, ConvertResult(
+        output_dir=str(out),
+        disks=[ConvertedDisk(path=str(qcow2), virtual_size=16 << 20, actual_size=0)],
+        domain_xml="<domain type='kvm'><name>debian-stopped</name></domain>",
+        osinfo=None,
+        host=bed_blocks["kvm1"],
+        seconds=0,
+    )

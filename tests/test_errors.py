@@ -33,9 +33,9 @@ from tasks import errors, kvm, ssh
 from tasks import vcenter as vc
 from tasks.errors import Refused, Transient, V2kError, is_transient
 from tasks.export import run_export
-from tasks.models import ConvertedDisk, ConvertResult, ExportResult, VmSpec
+from tasks.models import ExportResult, VmSpec
 from tasks.transfer import TransferError, TransferFailed, TransferRefused, transfer_error
-from testbed.testing import request_for
+from testbed.testing import request_for, stand_in_conversion
 
 WEB = "Prod/Web/web server 01"  # stopped, one synthetic disk of 16 MiB
 _KEYS = [paramiko.RSAKey.generate(1024) for _ in range(2)]
@@ -193,30 +193,12 @@ def stranger_key(tmp_path: Path) -> Path:
     return key
 
 
-def _converted(bed, bed_blocks) -> tuple[VmSpec, ConvertResult]:
-    """debian-stopped's spec and a 16 MiB qcow2 standing for its conversion."""
-    with bed.vcsim.connect() as si:
-        spec = vc.read_spec(si, vc.find_vm(si, vc.datacenter(si, None), "debian-stopped"))
-    out = Path(bed.scratch) / f"v2k-{uuid.uuid4().hex[:12]}" / "out"
-    out.mkdir(parents=True)
-    qcow2 = out / "debian-stopped-sda"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "16M"], check=True)
-    return spec, ConvertResult(
-        output_dir=str(out),
-        disks=[ConvertedDisk(path=str(qcow2), virtual_size=16 << 20, actual_size=0)],
-        domain_xml="<domain type='kvm'><name>debian-stopped</name></domain>",
-        osinfo=None,
-        host=bed_blocks["kvm1"],
-        seconds=0,
-    )
-
-
 def _import(bed, bed_blocks, *, host: str, cluster: str | None = None):
     """The import stage (its task, two retries) of a stand-in conversion; its final state."""
     request = request_for(
         bed_blocks, "debian-stopped", import_host=host, cluster=cluster or bed_blocks["cluster"]
     )
-    spec, converted = _converted(bed, bed_blocks)
+    spec, converted = stand_in_conversion(bed, bed_blocks)
     target = f"v2k-errors-{uuid.uuid4().hex[:6]}"
 
     @flow(name="errors-import")

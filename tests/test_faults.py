@@ -44,10 +44,15 @@ from blocks import KvmHost, MigrationSettings, StagePolicy, TemporaryStorage
 from flows.migrate import import_task, migrate_vm
 from tasks import kvm
 from tasks import vcenter as vc
-from tasks.models import ConvertedDisk, ConvertResult, VmSpec
 from tasks.ownership import Ledger
 from tasks.transfer import TAIL_CHECK
-from testbed.testing import STOP_AFTER_EXPORT, assert_nothing_left, request_for, snapshot
+from testbed.testing import (
+    STOP_AFTER_EXPORT,
+    assert_nothing_left,
+    request_for,
+    snapshot,
+    stand_in_conversion,
+)
 
 pytest_plugins = ["deployments.testing"]
 
@@ -356,25 +361,6 @@ def test_cancel_from_the_api_mid_export_removes_the_clone(bed, served, clean_sim
 # --- the import stage: libvirtd down, an earlier try's leftover ----------------------------
 
 
-def _converted(bed, bed_blocks) -> tuple[VmSpec, ConvertResult]:
-    """debian-stopped's spec and a 16 MiB qcow2 standing for its conversion, in the
-    bed's temporary storage: the import stage's input without 2-3 min of virt-v2v."""
-    with bed.vcsim.connect() as si:
-        spec = vc.read_spec(si, vc.find_vm(si, vc.datacenter(si, None), "debian-stopped"))
-    out = Path(bed.scratch) / f"v2k-{uuid.uuid4().hex[:12]}" / "out"
-    out.mkdir(parents=True)
-    qcow2 = out / "debian-stopped-sda"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "16M"], check=True)
-    return spec, ConvertResult(
-        output_dir=str(out),
-        disks=[ConvertedDisk(path=str(qcow2), virtual_size=16 << 20, actual_size=0)],
-        domain_xml="<domain type='kvm'><name>debian-stopped</name></domain>",
-        osinfo=None,
-        host=bed_blocks["kvm1"],
-        seconds=0,
-    )
-
-
 RUN = "0123456789ab"  # the run id of the import stage run on its own here
 
 
@@ -417,7 +403,7 @@ def test_libvirtd_down_at_import_fails_cleanly_after_its_retries(bed, bed_blocks
     )
     request = request_for(bed_blocks, "debian-stopped", import_host=down)
     before = snapshot(bed)
-    spec, converted = _converted(bed, bed_blocks)
+    spec, converted = stand_in_conversion(bed, bed_blocks)
     try:
         state = _import_only(settings, request, spec, converted, down, "debian-down")
         assert state.is_failed()
@@ -460,7 +446,7 @@ def test_a_retried_import_removes_the_volume_its_failed_try_left(
     others = kvm.volume_name(target, 0, "ba9876543210")  # another run's, same target
     pool.createXML(f"<volume><name>{others}</name><capacity>1048576</capacity></volume>", 0)
     before = snapshot(bed)
-    spec, converted = _converted(bed, bed_blocks)
+    spec, converted = stand_in_conversion(bed, bed_blocks)
     try:
         request = request_for(bed_blocks, "debian-stopped", import_host=bed_blocks["kvm1"])
         state = _import_only(settings, request, spec, converted, bed_blocks["kvm1"], target)

@@ -28,6 +28,7 @@ from flows.cleanup import cleanup_run
 from flows.migrate import migrate_vm, select_hosts_task
 from tasks import kvm, resume
 from tasks import vcenter as vc
+from tasks.cleanup import remove_tree
 from tasks.errors import Refused
 from tasks.models import DiskSpec, VmSpec
 from tasks.ownership import Ledger, Owned, Reserved, holder, release, reserve, target_key
@@ -183,6 +184,22 @@ def test_volume_marks_and_domain_marks_guard_every_removal():
             kvm.remove_migrated_domain(conn, "test")
     finally:
         conn.close()
+
+
+def test_a_directory_that_cannot_be_removed_is_reported(tmp_path):
+    """Removal errors are not swallowed: cleanup must be able to say what is left."""
+    run = tmp_path / "v2k-0123456789ab"
+    busy = run / "export"
+    busy.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "v2k-test", str(busy)], check=True)
+    try:
+        with pytest.raises(OSError):
+            remove_tree(run, tmp_path)  # a mount point cannot be removed
+    finally:
+        subprocess.run(["umount", str(busy)], check=True)
+    remove_tree(run, tmp_path)
+    assert not run.exists()
+    remove_tree(run, tmp_path)  # already gone: done
 
 
 # ---- against the test bed ---------------------------------------------------------------
