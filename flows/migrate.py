@@ -24,7 +24,6 @@ from blocks.cache import loads_cached
 from flows.cleanup import (
     CleanupIncomplete,
     by_block_name,
-    cleanup_flow_run,  # noqa: F401 - `v2k cleanup` and older callers import it from here
     cleanup_hook,
     cleanup_imported,
     cleanup_run,
@@ -449,10 +448,6 @@ def _with_saved_source(request: MigrationRequest, run_id: str) -> MigrationReque
     return by_block_name(request, run_id)
 
 
-def _run_id(flow_run_id: str) -> str:
-    return run_id_of(flow_run_id)
-
-
 def _summary(result: MigrationResult) -> str:
     rows = "\n".join(f"| {s.name} | {s.seconds:.1f} | {s.detail} |" for s in result.stages)
     sums = "\n".join(f"| {name} | `{digest}` |" for name, digest in result.checksums.items())
@@ -495,7 +490,7 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
     of the flow run resumes: finished stages and disks are not done again (`tasks.resume`).
     """
     flow_run_id = str(flow_run.get_id() or uuid.uuid4())
-    run_id = _run_id(flow_run_id)
+    run_id = run_id_of(flow_run_id)
     request = _with_saved_source(request, run_id)
     try:
         result = _run_stages(request, run_id)
