@@ -24,7 +24,7 @@ from prefect.states import Crashed
 from pyVmomi import vim
 
 from blocks import KvmHost
-from flows.cleanup import cleanup_run
+from flows.cleanup import run_id_of
 from flows.migrate import migrate_vm, select_hosts_task
 from tasks import kvm, resume
 from tasks import vcenter as vc
@@ -323,8 +323,19 @@ def test_a_run_pins_its_hosts(bed, bed_blocks):
 
 def test_cleanup_that_cannot_reach_a_host_says_so_and_v2k_cleanup_finishes(bed, bed_blocks):
     """An unreachable host is not assumed to hold nothing: what may be left there stays
-    in the ledger and is named; once the host is back, cleanup finishes the job."""
-    run_id, flow_run_id = uuid.uuid4().hex[:12], str(uuid.uuid4())
+    in the run's ledger and is named (`v2k cleanup` exits 1); once the host is back,
+    `v2k cleanup RUN` finishes the job."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    # A real flow run to clean up after (refused in preflight: fast).
+    state = migrate_vm(request_for(bed_blocks, "win2019-running"), return_state=True)
+    assert state.is_failed()
+    flow_run_id = str(state.state_details.flow_run_id)
+    run_id = run_id_of(flow_run_id)
+    # What the run would have left: a volume on kvm2, which cannot be reached yet (its
+    # block's libvirtd socket answers nothing), and its directory.
     volume = kvm.volume_name("own-cleanup", 0, run_id)
     conn = bed.libvirt_conn("kvm2")
     conn.storagePoolLookupByName(bed.pool).createXML(
@@ -333,17 +344,16 @@ def test_cleanup_that_cannot_reach_a_host_says_so_and_v2k_cleanup_finishes(bed, 
     directory = Path(bed.scratch) / f"v2k-{run_id}"
     (directory / "export").mkdir(parents=True)
     down = f"own-down-{run_id}"
-    # kvm2 with its libvirtd not answering (a socket nobody listens on).
     KvmHost.load(bed_blocks["kvm2"]).model_copy(
         update={"libvirt_uri": "qemu+unix:///system?socket=/run/v2k-nothing/libvirt-sock"}
     ).save(down)
     ledger = Ledger(run_id)
     ledger.record(Owned(kind="directory", name=str(directory)))
     ledger.record(Owned(kind="volume", name=volume, host=down, place=bed.pool))
-    request = request_for(bed_blocks, "debian-data")
     try:
-        left = cleanup_run(request, run_id, flow_run_id, delivered=False)
-        assert len(left) == 1 and f"volume {bed.pool}/{volume} on {down}" in left[0], left
+        first = CliRunner().invoke(app, ["cleanup", flow_run_id], env={"COLUMNS": "400"})
+        assert first.exit_code == 1, first.output
+        assert "may be left" in first.output and volume in first.output and down in first.output
         assert not directory.exists()  # what could be removed is gone
         assert [o.name for o in ledger.entries()] == [volume]
         assert volume in conn.storagePoolLookupByName(bed.pool).listVolumes()
@@ -351,12 +361,16 @@ def test_cleanup_that_cannot_reach_a_host_says_so_and_v2k_cleanup_finishes(bed, 
         back = KvmHost.load(down)  # the host is back
         back.libvirt_uri = KvmHost.load(bed_blocks["kvm2"]).libvirt_uri
         back.save(down, overwrite=True)
-        assert cleanup_run(request, run_id, flow_run_id, delivered=False) == []
+        again = CliRunner().invoke(app, ["cleanup", flow_run_id])
+        assert again.exit_code == 0, again.output
+        assert "cleaned up after" in again.output
         assert volume not in conn.storagePoolLookupByName(bed.pool).listVolumes()
         assert ledger.entries() == []
     finally:
         kvm.remove_run_volumes(conn, run_id, [(bed.pool, volume)])
         KvmHost.delete(down)
+        for entry in ledger.entries():
+            ledger.drop(entry)
 
 
 def _raw_sha256(path: Path, fmt: str) -> str:
