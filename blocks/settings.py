@@ -85,6 +85,11 @@ class MigrationSettings(LoadedOnce, Block):
     boot_timeout: float = Field(
         default=600, gt=0, description="Seconds to wait for a login prompt in the boot check."
     )
+    remove_unverified: bool = Field(
+        default=False,
+        description="Remove the new domain and its volumes when the boot check fails. Off: "
+        "the migration is kept and the run ends as 'Migrated, not verified'.",
+    )
     keep_exports_hours: float = Field(
         default=24,
         gt=0,

@@ -27,8 +27,12 @@ EXIT_USAGE = 2  # bad arguments, unknown deployment or block, Prefect not reacha
 EXIT_NOT_DONE = 3  # the run is still going (timeout reached, or `status` of a live run)
 
 
-def exit_code(state_type: str | None) -> int:
-    if state_type == "COMPLETED":
+# Completed runs whose migration needs a person's look: the command exits EXIT_FAILED.
+NEEDS_A_LOOK = {"Migrated, not verified"}
+
+
+def exit_code(state_type: str | None, state_name: str | None = None) -> int:
+    if state_type == "COMPLETED" and state_name not in NEEDS_A_LOOK:
         return EXIT_OK
     if state_type in FINAL:
         return EXIT_FAILED

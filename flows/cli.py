@@ -157,16 +157,25 @@ def migrate(
     except Exception as exc:  # noqa: BLE001 - the command line shows the reason, not a trace
         console.print(f"[red]migration failed:[/red] {exc}")
         raise typer.Exit(1) from None
+    # Migrated, but a person must look: the boot check failed, or litter may be left.
+    needs_a_look = result.booted is False or bool(result.cleanup_left)
     if as_json:
         print(result.model_dump_json(indent=2))
-        return
-    table = Table(title=Text(f"{result.vm} -> {result.domain_name} on {result.import_host}"))
-    table.add_column("stage")
-    table.add_column("seconds", justify="right")
-    table.add_column("detail")
-    for stage in result.stages:
-        table.add_row(stage.name, f"{stage.seconds:.1f}", stage.detail)
-    Console().print(table)
+    else:
+        title = f"{result.vm} -> {result.domain_name} on {result.import_host}"
+        table = Table(title=Text(title))
+        table.add_column("stage")
+        table.add_column("seconds", justify="right")
+        table.add_column("detail")
+        for stage in result.stages:
+            table.add_row(stage.name, f"{stage.seconds:.1f}", stage.detail)
+        Console().print(table)
+        if result.booted is False:
+            console.print(f"[red]migrated, not verified:[/red] {result.verify_error}")
+        for line in result.cleanup_left:
+            console.print(f"[red]cleanup incomplete:[/red] {line}")
+    if needs_a_look:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -214,7 +223,7 @@ def _finish_run(described: dict, as_json: bool) -> None:
         print(json.dumps(described, indent=2, default=str))
     else:
         render(described, Console())
-    raise typer.Exit(exit_code(described["state"]["type"]))
+    raise typer.Exit(exit_code(described["state"]["type"], described["state"].get("name")))
 
 
 def _run_deployment(

@@ -451,6 +451,10 @@ def _with_saved_source(request: MigrationRequest, run_id: str) -> MigrationReque
 def _summary(result: MigrationResult) -> str:
     rows = "\n".join(f"| {s.name} | {s.seconds:.1f} | {s.detail} |" for s in result.stages)
     sums = "\n".join(f"| {name} | `{digest}` |" for name, digest in result.checksums.items())
+    boot = {True: "passed", None: "not run"}.get(
+        result.booted, f"failed, domain kept: {result.verify_error}"
+    )
+    left = "; ".join(result.cleanup_left)
     return f"""# Migrated {vmpath.markdown(result.vm)}
 
 | | |
@@ -461,8 +465,8 @@ def _summary(result: MigrationResult) -> str:
 | export | {result.export_host or "worker (management export)"} |
 | guest OS (libosinfo) | {result.osinfo or "unknown"} |
 | bytes exported | {result.bytes_exported} |
-| boot check | {"passed" if result.booted else "not run" if result.booted is None else "failed"} |
-| cleanup | {"incomplete: " + "; ".join(result.cleanup_left) if result.cleanup_left else "done"} |
+| boot check | {boot} |
+| cleanup | {f"incomplete: {left}" if left else "done"} |
 
 | stage | seconds | detail |
 |---|---|---|
@@ -517,15 +521,23 @@ def migrate_vm(request: MigrationRequest) -> MigrationResult:
     get_run_logger().info(
         "migrated %s to %s on %s", result.vm, result.domain_name, result.import_host
     )
+    return _final_state(result, flow_run_id)
+
+
+def _final_state(result: MigrationResult, flow_run_id: str):
+    """The result, or a Completed state that says what needs a look: a boot check that
+    failed (the domain is kept), or litter the cleanup could not remove."""
+    notes = []
+    if result.booted is False:
+        notes.append(f"boot check failed: {result.verify_error}")
     if result.cleanup_left:
-        # Migrated, but litter may be left: a state that says so, not a plain Completed.
-        return Completed(
-            data=result,
-            name="Completed, cleanup incomplete",
-            message=f"may be left: {' | '.join(result.cleanup_left)}; "
-            f"run `v2k cleanup {flow_run_id}`",
+        notes.append(
+            f"may be left: {' | '.join(result.cleanup_left)}; run `v2k cleanup {flow_run_id}`"
         )
-    return result
+    if not notes:
+        return result
+    name = "Migrated, not verified" if result.booted is False else "Completed, cleanup incomplete"
+    return Completed(data=result, name=name, message="; ".join(notes))
 
 
 def _transfer_seconds(exported: ExportResult) -> float:
@@ -662,16 +674,42 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         domain=imported.domain_name,
         domain_uuid=imported.domain_uuid,
     )
-    booted = None
+    booted, verify_error = None, None
     if request.verify_boot:
-        booted = timed(
-            "verify",
-            lambda: _staged(verify_task, settings, "verify")(
-                imported.host, imported.domain_name, settings.boot_timeout
-            ),
-            lambda r: "login prompt seen",
-        )
-        events.emit("verified", spec, host=imported.host, domain=imported.domain_name)
+        started = time.monotonic()
+        try:
+            booted = timed(
+                "verify",
+                lambda: _staged(verify_task, settings, "verify")(
+                    imported.host, imported.domain_name, settings.boot_timeout
+                ),
+                lambda r: "login prompt seen",
+            )
+            events.emit("verified", spec, host=imported.host, domain=imported.domain_name)
+        except Exception as exc:
+            if settings.remove_unverified:
+                raise  # the run fails, and its cleanup removes the domain it defined
+            # A failed check is no reason to throw hours of export and conversion away.
+            booted, verify_error = False, str(exc)
+            stages.append(
+                StageReport(
+                    name="verify",
+                    seconds=time.monotonic() - started,
+                    detail=f"failed, domain kept: {verify_error[:200]}",
+                )
+            )
+            get_run_logger().error(
+                "boot check of %s failed; the domain is kept (migrated, not verified): %s",
+                imported.domain_name,
+                verify_error,
+            )
+            events.emit(
+                "not_verified",
+                spec,
+                host=imported.host,
+                domain=imported.domain_name,
+                error=verify_error,
+            )
     events.emit("completed", spec, domain=imported.domain_name, host=imported.host)
     return MigrationResult(
         vm=spec.inventory_path,
@@ -686,5 +724,6 @@ def _run_stages(request: MigrationRequest, run_id: str) -> MigrationResult:
         checksums={d.file_name: d.sha256 for d in exported.disks},
         osinfo=imported.osinfo,
         booted=booted,
+        verify_error=verify_error,
         warnings=checked.warnings + converted.warnings,
     )

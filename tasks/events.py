@@ -26,7 +26,7 @@ from pydantic_core import to_jsonable_python
 
 from tasks.models import VmSpec
 
-STAGES = ("exported", "converted", "imported", "verified", "completed", "failed")
+STAGES = ("exported", "converted", "imported", "verified", "not_verified", "completed", "failed")
 EVENT_PREFIX = "v2k.vm."
 MAX_ERROR = 2000  # characters of the error in a `failed` event (the run's logs have all)
 

@@ -315,6 +315,9 @@ class MigrationResult(BaseModel):
     checksums: dict[str, str]
     osinfo: str | None
     booted: bool | None = None
+    verify_error: str | None = Field(
+        default=None, description="Why the boot check failed (the domain is kept)."
+    )
     warnings: list[str] = Field(default_factory=list)
     cleanup_left: list[str] = Field(
         default_factory=list,

@@ -23,7 +23,7 @@ from prefect.client.orchestration import get_client
 from prefect.states import Crashed
 from pyVmomi import vim
 
-from blocks import KvmHost
+from blocks import KvmHost, MigrationSettings
 from flows.cleanup import run_id_of
 from flows.migrate import migrate_vm, select_hosts_task
 from tasks import kvm, resume
@@ -402,13 +402,15 @@ def test_one_migration_owns_only_what_it_made_and_carries_the_current_data(
     """One real conversion serves the scenarios of same target, same VM twice, stale data
     and pre-existing names: while it runs, a second run for its VM and a third for its
     target are refused naming it; the guest's last write is on KVM; nothing that existed
-    before is changed."""
+    before is changed. Its boot check cannot succeed (1 s): the migration is kept all the
+    same, and the run ends as 'Migrated, not verified'."""
     with bed.vcsim.connect() as si:
         vm = vc.find_vm(si, vc.datacenter(si, None), "debian-data")
         write_disk(bed.vcsim, vm, 3 << 20, os.urandom(1 << 20), disk=1)  # the guest writes
         want = _source_disk_sha256(bed, vm, 1)
     before, snap = _estate(bed), snapshot(bed)
-    request = request_for(bed_blocks, "debian-data")
+    MigrationSettings(force_ms_export=True, boot_timeout=1).save("own-settings", overwrite=True)
+    request = request_for(bed_blocks, "debian-data", settings="own-settings", verify_boot=True)
     key = target_key(bed_blocks["cluster"], "debian-data")
     ended: dict = {}
     migration = threading.Thread(
@@ -429,14 +431,17 @@ def test_one_migration_owns_only_what_it_made_and_carries_the_current_data(
         migration.join(900)
     state = ended["state"]
     assert state.is_completed(), state.message
+    assert state.name == "Migrated, not verified" and "boot check failed" in state.message
     result = state.result()
+    assert result.booted is False and "login" in result.verify_error
     host = next(h.name for h in bed.hosts.hosts if bed_blocks[h.name] == result.import_host)
     run_id = held.flow_run_id.replace("-", "")[:12]
     try:
         volumes = [kvm.volume_name("debian-data", i, run_id) for i in range(2)]
         assert _raw_sha256(bed.pool_path(host) / volumes[1], "qcow2") == want
         made = {f"{host}:domain debian-data", *(f"{host}:volume {v}" for v in volumes)}
-        _unchanged_except(before, _estate(bed), made)
+        _unchanged_except(before, _estate(bed), made)  # the unverified domain is kept
+        assert not bed.libvirt_conn(host).lookupByName("debian-data").isActive()
         assert holder(key) is None  # released, with the source's
         assert Ledger(run_id).entries() == []  # the domain and volumes are the user's now
     finally:
